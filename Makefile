@@ -1,0 +1,67 @@
+# Load-sharing EV charger: firmware (MicroPython) and PC tools.
+# Every target sets itself up: the first use creates .venv and installs the
+# pinned dependencies of requirements-dev.txt and the tools/ package.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.deps-installed
+UMQTT  := lib/umqtt/simple.py
+MPY_BUILD := build/mpy
+
+# Device-side files: compiled by mpy-cross and type-checked by pyright.
+DEVICE_PY := boot.py main.py $(wildcard firmware/*.py)
+# MicroPython's module path (it replaces the default, so .frozen stays first).
+FW_PATH := .frozen:$(CURDIR):$(CURDIR)/lib
+
+.PHONY: help sim charger test test-cpython test-mpy check lib venv clean
+
+help:
+	@echo "make sim         simulated charger run (see README)"
+	@echo "make test        all tests: CPython, MicroPython unix port, make check"
+	@echo "make check       mpy-cross + pyright on every device-side file"
+	@echo "make lib         install device libraries (umqtt.simple) into lib/"
+	@echo "make clean       remove .venv, build/ and installed lib/ code"
+
+venv: $(STAMP)
+$(STAMP): requirements-dev.txt tools/pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --disable-pip-version-check -q -r requirements-dev.txt
+	$(BIN)/python -m pip install --disable-pip-version-check -q -e tools
+	touch $@
+
+lib: $(UMQTT)
+$(UMQTT): lib/manifest.json | $(STAMP)
+	$(BIN)/evse-fetch-lib --lib lib
+
+# The main job. Until the load-group server lands (issue 3) it runs one
+# charger with its simulated board and EV, and no server.
+sim: charger
+charger: $(STAMP) $(UMQTT)
+	$(BIN)/evse-charger
+
+test: $(STAMP) $(UMQTT)
+	$(MAKE) --no-print-directory test-cpython
+	$(MAKE) --no-print-directory test-mpy
+	$(MAKE) --no-print-directory check
+
+test-cpython: $(STAMP)
+	@echo "== firmware logic and tools under CPython (pytest)"
+	$(BIN)/python -m pytest -q
+
+test-mpy: $(STAMP)
+	@echo "== firmware logic under the MicroPython unix port"
+	MICROPYPATH=$(FW_PATH):$(CURDIR)/tests/fw $(BIN)/micropython tests/mpy_run.py
+
+check: $(STAMP)
+	@echo "== mpy-cross on $(words $(DEVICE_PY)) device-side files"
+	@rm -rf $(MPY_BUILD)
+	@set -e; for f in $(DEVICE_PY); do \
+		mkdir -p $(MPY_BUILD)/$$(dirname $$f); \
+		$(BIN)/mpy-cross -o $(MPY_BUILD)/$${f%.py}.mpy $$f; \
+	done; echo "compiled: $$(find $(MPY_BUILD) -name '*.mpy' | wc -l) files, $$(cat $$(find $(MPY_BUILD) -name '*.mpy') | wc -c) bytes"
+	@echo "== pyright (micropython-esp32-stubs)"
+	$(BIN)/pyright $(DEVICE_PY)
+
+clean:
+	rm -rf $(VENV) build .pytest_cache .hypothesis lib/umqtt

@@ -1,0 +1,143 @@
+"""EVSE state machine: pilot state in, pilot output and contactor command out.
+
+Pure logic, edge-driven: :meth:`Evse.edge` compares the previous accepted pilot
+state with the current one, and returns what the outputs must be; it performs
+no I/O; :meth:`Evse.outputs` then derives the outputs. The caller applies :attr:`Evse.pilot`, :attr:`Evse.duty` and
+:attr:`Evse.relay` to the hardware.
+
+Rules (DESIGN.md §3, IEC 61851-1 Table A.6):
+
+* C7: the contactor closes only in state C or D, with current offered, the
+  diode check passed and no fault; it opens in the same tick that the state
+  leaves C/D or a fault latches, and closes on the first tick the conditions
+  hold (well inside the 3 s of sequence 4).
+* C8: "not offering" is a static +12 V pilot; a fault is a static -12 V pilot
+  (state F) held for at least 300 ms with the contactor open.
+* C10: a car already in C at boot is simply a new session: start current, then
+  the contactor once the diode check passes. No fault is latched.
+* Pause in C: PWM stops at once; the contactor stays closed for at most 6 s so
+  that the EV can stop drawing first (Table A.6: the EVSE may open under load
+  6 s after switching PWM off), or opens as soon as the EV goes to B.
+"""
+from firmware import pilot as _pilot
+
+PILOT_HIGH = "high"
+"""Static +12 V: no current offered (C8)."""
+PILOT_PWM = "pwm"
+"""1 kHz PWM at :attr:`Evse.duty`."""
+PILOT_LOW = "low"
+"""Static -12 V: state F, fault (C8)."""
+
+FAULT_HOLD_MS = 300
+"""Minimum time a fault keeps the pilot in state F (C8), ms."""
+PAUSE_OPEN_MS = 6000
+"""Longest the contactor stays closed after PWM stops in C (Table A.6), ms."""
+
+# Fault codes of the pilot itself (stable: reported to the server).
+FAULT_PILOT_E = "pilot_e"          # pilot shorted to 0 V (state E)
+FAULT_PILOT_LEVEL = "pilot_level"  # a level in no J1772 window
+FAULT_PILOT_F = "pilot_f"          # pilot held at -12 V by something else
+
+_CONNECTED = ("B", "C", "D")
+_CHARGING = ("C", "D")
+
+
+class Evse:
+    """The state machine. ``clock`` provides ``ticks_diff``.
+
+    Outputs after each :meth:`outputs`: ``pilot`` (:data:`PILOT_HIGH`,
+    :data:`PILOT_PWM` or :data:`PILOT_LOW`), ``duty`` (``duty_u16``, 0 unless
+    PWM), ``offer_a`` (A the duty encodes, 0 unless PWM), ``relay`` (True =
+    contactor closed). Events of the last step:
+    ``session_started`` / ``session_ended`` (bool). State: ``state`` (the
+    accepted pilot state, None before the first), ``fault`` (code or None).
+    """
+
+    def __init__(self, clock):
+        self.clock = clock
+        self.state = None
+        self.fault = None
+        self.pilot = PILOT_HIGH
+        self.duty = 0
+        self.offer_a = 0
+        self.relay = False
+        self.session_started = False
+        self.session_ended = False
+        self._fault_at = 0
+        self._pwm_off_at = None   # tick when PWM stopped while the contactor was closed
+
+    def trip(self, code, now):
+        """Latch fault ``code`` at tick ``now``: contactor open, pilot at -12 V."""
+        if self.fault is None:
+            self.fault = code
+            self._fault_at = now
+        self.relay = False
+        self.pilot = PILOT_LOW
+        self.duty = 0
+        self.offer_a = 0
+
+    def clear_fault(self, now):
+        """Clear the latched fault if it has been held for 300 ms. Returns True
+        when cleared; the pilot is then re-read from scratch."""
+        if self.fault is None:
+            return True
+        if self.clock.ticks_diff(now, self._fault_at) < FAULT_HOLD_MS:
+            return False
+        self.fault = None
+        self.state = None
+        self.pilot = PILOT_HIGH
+        return True
+
+    def edge(self, state, now):
+        """Take the accepted pilot ``state`` (``A``..``F``, ``?`` or None) of this
+        tick. Sets :attr:`session_started` / :attr:`session_ended` and latches
+        pilot faults. Call before :meth:`outputs`."""
+        prev = self.state
+        self.session_started = False
+        self.session_ended = False
+        if self.fault is not None or state == prev:
+            return
+        self.state = state
+        if state == "E":
+            self.trip(FAULT_PILOT_E, now)
+        elif state == _pilot.INVALID:
+            self.trip(FAULT_PILOT_LEVEL, now)
+        elif state == "F":
+            self.trip(FAULT_PILOT_F, now)
+        if state in _CONNECTED and prev not in _CONNECTED:
+            self.session_started = True
+        elif state not in _CONNECTED and prev in _CONNECTED:
+            self.session_ended = True
+
+    def outputs(self, amps, diode_ok, now):
+        """Set the outputs for this tick from the limit in force ``amps`` (A, 0 =
+        do not offer) and the diode check. Returns nothing; read the attributes."""
+        if self.fault is not None:
+            self.relay = False
+            self.pilot = PILOT_LOW
+            self.duty = 0
+            self.offer_a = 0
+            return
+        state = self.state
+        duty = _pilot.duty_u16(amps) if state in _CONNECTED else 0
+        if duty:
+            self.pilot = PILOT_PWM
+            self.duty = duty
+            self.offer_a = _pilot.offered_a(amps)
+        else:
+            self.pilot = PILOT_HIGH
+            self.duty = 0
+            self.offer_a = 0
+        if state not in _CHARGING:
+            self.relay = False
+            self._pwm_off_at = None
+        elif not self.relay:
+            self.relay = bool(duty) and diode_ok
+        elif duty:
+            self._pwm_off_at = None
+        else:
+            if self._pwm_off_at is None:
+                self._pwm_off_at = now
+            elif self.clock.ticks_diff(now, self._pwm_off_at) >= PAUSE_OPEN_MS:
+                self.relay = False
+                self._pwm_off_at = None

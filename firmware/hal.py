@@ -1,0 +1,79 @@
+"""The hardware-abstraction layer: the one interface the application drives.
+
+Two implementations: :mod:`firmware.hal_esp32` (the charger board) and
+:mod:`firmware.hal_sim` (a simulated board carrying a simulated EV). The
+application only ever calls the methods below; none of them may block for
+more than a pilot burst (about 2 ms on the ESP32).
+
+This class documents the interface and gives the shared safe-state sequence;
+it holds no hardware.
+"""
+
+
+class Board:
+    """Interface of a charger board. Units: mV, A, degrees C.
+
+    Pilot output (exactly one mode at a time):
+
+    * ``pilot_high()``: static +12 V driven as a plain GPIO level, no PWM
+      (not offering current, C8).
+    * ``pilot_pwm(duty_u16)``: 1 kHz PWM; the very first period already has
+      this duty (C2). ``duty_u16`` is 6553..62913 (6..80 A, DESIGN.md §5).
+    * ``pilot_low()``: static -12 V (state F, fault, C8).
+
+    Inputs:
+
+    * ``read_pilot()`` -> ``(high_mv, low_mv)``: top and bottom pilot levels of
+      one burst, mV (+12 V is about 12000).
+    * ``measured_a()`` -> current drawn through the contactor, A (float >= 0).
+    * ``temp_c()`` -> board temperature, degrees C.
+    * ``gfci_tripped()`` -> True while the CCID reports residual current.
+
+    Outputs:
+
+    * ``set_relay(closed)``: drive the contactor coil (True = closed).
+    * ``gfci_test(on)``: drive the CCID self-test winding.
+    * ``feed_wdt()``: feed the hardware watchdog; only the control loop calls it.
+    """
+
+    def pilot_high(self):
+        raise NotImplementedError
+
+    def pilot_pwm(self, duty_u16):
+        raise NotImplementedError
+
+    def pilot_low(self):
+        raise NotImplementedError
+
+    def read_pilot(self):
+        raise NotImplementedError
+
+    def set_relay(self, closed):
+        raise NotImplementedError
+
+    def measured_a(self):
+        raise NotImplementedError
+
+    def temp_c(self):
+        raise NotImplementedError
+
+    def gfci_tripped(self):
+        raise NotImplementedError
+
+    def gfci_test(self, on):
+        raise NotImplementedError
+
+    def feed_wdt(self):
+        raise NotImplementedError
+
+    def safe_state(self):
+        """Contactor open, then pilot static +12 V. Never raises: it is what the
+        supervisor calls after an unhandled error."""
+        try:
+            self.set_relay(False)
+        except Exception:  # keep going: the pilot must still stop offering
+            pass
+        try:
+            self.pilot_high()
+        except Exception:
+            pass

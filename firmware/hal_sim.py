@@ -1,0 +1,233 @@
+"""Simulated charger board carrying a simulated EV (never deployed to a charger).
+
+It implements :class:`firmware.hal.Board` by computing what the pilot, the
+current transformer and the sensors would read, from the pilot output the
+firmware drives and from the EV (:class:`firmware.ev_model.SimEv`) plugged in.
+It runs in the firmware's own process: in host tests under CPython or the
+MicroPython unix port, and in the simulator as a unix-port process that a
+harness controls over UDP (see :class:`UdpControl`).
+
+The board holds state, not behaviour: tests set ``ev``, ``temp``, ``glitch_mv``
+and read ``pilot_mode``, ``duty``, ``relay``, ``history``.
+"""
+import json
+
+from firmware.hal import Board
+
+# Pilot high level per EV state, mV (J1772 nominal: A 12, B 9, C 6, D 3 V).
+_LEVEL_MV = {"A": 12000, "B": 9000, "C": 6000, "D": 3000}
+_NO_DIODE_LOW_MV = -9000   # EV resistor loads the negative half without a diode
+
+
+class SimBoard(Board):
+    """The simulated board. ``clock`` provides ``ticks_ms``/``ticks_diff``.
+
+    Observable state: ``pilot_mode`` (``high``/``pwm``/``low``), ``duty``
+    (``duty_u16``, 0 without PWM), ``relay`` (bool), ``history`` (list of
+    ``(tick_ms, mode, duty)`` for every pilot write, oldest first, last 64),
+    ``wdt_feeds`` (count). Injected state: ``ev`` (:class:`SimEv` or None),
+    ``temp`` (degrees C), ``glitch_mv`` (next pilot sample's high level, once),
+    ``gfci`` (True while a residual current flows).
+    """
+
+    def __init__(self, clock):
+        self.clock = clock
+        self.pilot_mode = "high"
+        self.duty = 0
+        self.relay = False
+        self.history = []
+        self.wdt_feeds = 0
+        self.ev = None
+        self.temp = 25.0
+        self.glitch_mv = None
+        self.gfci = False
+        self.gfci_test_on = False
+        self._last_step = clock.ticks_ms()
+
+    # -- simulation ------------------------------------------------------------
+
+    def plug(self, ev):
+        """Connect ``ev`` (a :class:`SimEv`)."""
+        ev.plugged = True
+        self.ev = ev
+
+    def unplug(self):
+        """Disconnect the EV (state A)."""
+        if self.ev is not None:
+            self.ev.plugged = False
+        self.ev = None
+
+    def step(self):
+        """Advance the EV to the clock's present tick."""
+        now = self.clock.ticks_ms()
+        dt = self.clock.ticks_diff(now, self._last_step)
+        self._last_step = now
+        if self.ev is not None and dt > 0:
+            self.ev.step(dt, self.duty if self.pilot_mode == "pwm" else 0, self.relay)
+
+    def _record(self, mode, duty):
+        self.pilot_mode = mode
+        self.duty = duty
+        if len(self.history) >= 64:
+            self.history.pop(0)
+        self.history.append((self.clock.ticks_ms(), mode, duty))
+
+    # -- Board interface ---------------------------------------------------------
+
+    def pilot_high(self):
+        self._record("high", 0)
+
+    def pilot_pwm(self, duty_u16):
+        self._record("pwm", duty_u16)
+
+    def pilot_low(self):
+        self._record("low", 0)
+
+    def read_pilot(self):
+        self.step()
+        if self.pilot_mode == "low":
+            high = low = -12000
+        else:
+            ev = self.ev
+            high = _LEVEL_MV[ev.pilot_state() if ev is not None else "A"]
+            if self.pilot_mode == "pwm":
+                low = -12000 if ev is None or ev.diode else _NO_DIODE_LOW_MV
+            else:
+                low = high
+        if self.glitch_mv is not None:
+            high = self.glitch_mv
+            self.glitch_mv = None
+        return high, low
+
+    def set_relay(self, closed):
+        self.relay = bool(closed)
+
+    def measured_a(self):
+        if self.relay and self.ev is not None:
+            return self.ev.drawn_a
+        return 0.0
+
+    def temp_c(self):
+        return self.temp
+
+    def gfci_tripped(self):
+        return self.gfci or self.gfci_test_on
+
+    def gfci_test(self, on):
+        self.gfci_test_on = bool(on)
+
+    def feed_wdt(self):
+        self.wdt_feeds += 1
+
+
+class UdpControl:
+    """Lets a harness outside the firmware process drive and read a
+    :class:`SimBoard` over UDP on loopback, one JSON object per datagram.
+
+    Commands (to ``127.0.0.1:<port>``):
+
+    * ``{"cmd": "watch"}``: send telemetry to this sender from now on.
+    * ``{"cmd": "plug", "ev": {"max_a": 40, "battery_wh": 75000, "soc": 0.2,
+      "delay_ms": 2000, "taper_soc": 0.8, "diode": true, "name": "car1"}}``
+    * ``{"cmd": "unplug"}``, ``{"cmd": "soc", "soc": 0.9}``,
+      ``{"cmd": "wants", "wants": false}`` (EV holds in B),
+      ``{"cmd": "glitch", "mv": 3000}`` (one noisy pilot sample),
+      ``{"cmd": "temp", "c": 40}``, ``{"cmd": "setpoint", "payload": "..."}``
+      (hand a ``set`` message to the firmware, as the MQTT link would),
+      ``{"cmd": "quit"}``.
+
+    Every reply and telemetry datagram is a JSON object; errors come back as
+    ``{"error": "..."}``. Telemetry (``{"t_ms": ..., "state": ..., ...}``, the
+    fields of :meth:`firmware.app.Charger.status` plus ``soc`` and
+    ``energy_wh``) is sent on every change of state, pilot, relay or limit,
+    and at least every ``period_ms``.
+    """
+
+    def __init__(self, board, port, period_ms=500):
+        import socket
+        self.board = board
+        self.charger = None
+        self.period_ms = period_ms
+        self.quit = False
+        self._watchers = []
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self._sock.bind(socket.getaddrinfo("127.0.0.1", port)[0][-1])
+        self._sock.setblocking(False)
+        self._last_key = None
+        self._last_sent = None
+        self._t0 = board.clock.ticks_ms()
+
+    def close(self):
+        self._sock.close()
+
+    def poll(self):
+        """Handle waiting commands and send due telemetry. Never blocks.
+        Returns True once a ``quit`` command arrived."""
+        for _ in range(8):
+            try:
+                data, addr = self._sock.recvfrom(2048)
+            except OSError:
+                break
+            reply = self._handle(data, addr)
+            if reply is not None:
+                self._send(reply, addr)
+        if self._watchers and self.charger is not None:
+            self._telemetry()
+        return self.quit
+
+    def _send(self, obj, addr):
+        try:
+            self._sock.sendto(json.dumps(obj).encode(), addr)
+        except OSError:
+            pass
+
+    def _handle(self, data, addr):
+        from firmware.ev_model import SimEv
+        try:
+            msg = json.loads(data)
+            cmd = msg["cmd"]
+            b = self.board
+            if cmd == "watch":
+                if addr not in self._watchers:
+                    self._watchers.append(addr)
+                self._last_key = None
+            elif cmd == "plug":
+                b.plug(SimEv(**msg.get("ev", {})))
+            elif cmd == "unplug":
+                b.unplug()
+            elif cmd == "soc":
+                b.ev.soc = float(msg["soc"])
+            elif cmd == "wants":
+                b.ev.wants = bool(msg["wants"])
+            elif cmd == "glitch":
+                b.glitch_mv = int(msg["mv"])
+            elif cmd == "temp":
+                b.temp = float(msg["c"])
+            elif cmd == "setpoint":
+                p = msg["payload"]
+                return {"ok": self.charger.on_setpoint(p.encode() if type(p) is str else p)}
+            elif cmd == "quit":
+                self.quit = True
+            else:
+                return {"error": "unknown cmd %r" % (cmd,)}
+        except Exception as exc:  # a harness typo must not stop the charger
+            return {"error": "%s: %s" % (type(exc).__name__, exc)}
+        return {"ok": True}
+
+    def _telemetry(self):
+        c = self.charger
+        now = self.board.clock.ticks_ms()
+        st = c.status()
+        key = (st["state"], st["duty_u16"], st["relay"], st["limit_a"], st["limit_by"], st["fault"])
+        due = self._last_sent is None or self.board.clock.ticks_diff(now, self._last_sent) >= self.period_ms
+        if key == self._last_key and not due:
+            return
+        self._last_key = key
+        self._last_sent = now
+        ev = self.board.ev
+        st["t_ms"] = self.board.clock.ticks_diff(now, self._t0)
+        st["soc"] = ev.soc if ev else None
+        st["energy_wh"] = ev.energy_wh if ev else 0.0
+        st["ev"] = ev.name if ev else None
+        for addr in self._watchers:
+            self._send(st, addr)

@@ -1,0 +1,140 @@
+"""The one arbiter of the limit in force (C1-C4, C6).
+
+Everything that may bound the pilot's offer meets here: the start current, the
+server's setpoint, the offline current after the connectivity watchdog
+expires, the unit's rating and installer max, thermal derating, pause and
+fault. :meth:`LimitArbiter.limit` returns the current to offer and the reason,
+and nothing else decides what the pilot offers.
+
+Time is a parameter: ``now`` is a tick in ms from the injected ``clock``, and
+every comparison goes through ``clock.ticks_diff`` so that the ESP32 tick wrap
+(2^30 ms) is harmless (C6).
+"""
+from firmware import setpoint as _setpoint
+
+MIN_A = 6
+"""Smallest offer (A); a limit below it pauses (C3, S4)."""
+
+# Reasons, as reported in the state message's ``limit_by`` (DESIGN.md §4).
+START = "start"
+SETPOINT = "setpoint"
+OFFLINE = "offline"
+UNIT = "unit"
+THERMAL = "thermal"
+PAUSE = "pause"
+FAULT = "fault"
+
+
+class LimitArbiter:
+    """Decides the current offered and why.
+
+    ``clock`` provides ``ticks_diff``; ``settings`` is a
+    :class:`firmware.settings.Store` with ``unit_rating_a``, ``installer_max_a``,
+    ``start_a``, ``offline_a`` and ``t_wd_s``; ``now`` (ms tick) starts the
+    watchdog lease at boot, so a charger that never hears a server falls back
+    to its offline current ``T_wd`` after boot.
+
+    Public state: ``epoch``/``ack_seq`` of the last setpoint applied (None
+    before the first), ``fault`` (code or None), ``thermal_a`` (cap in A or
+    None), ``rejected`` (count of refused messages) and ``last_error`` (why the
+    latest one was refused).
+    """
+
+    def __init__(self, clock, settings, now):
+        self.clock = clock
+        self.settings = settings
+        self.epoch = None
+        self.ack_seq = None
+        self.fault = None
+        self.thermal_a = None
+        self.rejected = 0
+        self.last_error = None
+        self._setpoint_a = None   # None: no allocation yet in this session (C2)
+        self._lease_from = now
+        self._fed = False
+
+    # -- inputs ---------------------------------------------------------------
+
+    def offer(self, payload, now):
+        """Apply a ``set`` message (bytes or str) received at tick ``now``.
+
+        A valid message replaces the previous setpoint (not min(old, new), C3),
+        stores any new ``offline_a``/``start_a`` (C5: written only on change)
+        and renews the watchdog lease (C4). Returns True.
+
+        A malformed, non-finite, negative, wrongly typed or stale message (a
+        ``seq`` not newer than the last applied in the same ``epoch``) changes
+        nothing, does not feed the watchdog, and raises ValueError saying why.
+        Raises OSError if the new offline/start current could not be written;
+        the setpoint and the new values are in force all the same (a decrease
+        must never wait on flash).
+        """
+        try:
+            sp = _setpoint.parse(payload)
+            if sp.epoch == self.epoch and sp.seq <= self.ack_seq:
+                raise ValueError("stale seq %d (last applied %d in epoch %d)"
+                                 % (sp.seq, self.ack_seq, sp.epoch))
+        except ValueError as exc:
+            self.rejected += 1
+            self.last_error = str(exc)
+            raise
+        self.epoch = sp.epoch
+        self.ack_seq = sp.seq
+        self._setpoint_a = sp.current_a
+        self._lease_from = now
+        self._fed = True
+        changes = {}
+        if sp.offline_a is not None:
+            changes["offline_a"] = sp.offline_a
+        if sp.start_a is not None:
+            changes["start_a"] = sp.start_a
+        if changes:
+            self.settings.update(changes)
+        return True
+
+    def start_session(self):
+        """A car was connected: until the server allocates to this session, the
+        offer is at most the start current (C2, seed: start at 8 A)."""
+        self._setpoint_a = None
+
+    # -- outputs --------------------------------------------------------------
+
+    def lease_age_ms(self, now):
+        """ms since the last valid setpoint (or since boot when none came)."""
+        return self.clock.ticks_diff(now, self._lease_from)
+
+    def online(self, now):
+        """True while the watchdog lease holds: ``T_wd`` has not yet passed since
+        the last valid setpoint (or boot). At exactly ``T_wd`` it has expired."""
+        return self.lease_age_ms(now) < self.settings["t_wd_s"] * 1000
+
+    def limit(self, now):
+        """Return ``(amps, reason)`` in force at tick ``now``.
+
+        ``amps`` is 0 (do not offer) or 6..80 A; ``reason`` is one of
+        ``start``, ``setpoint``, ``offline``, ``unit``, ``thermal``, ``pause``,
+        ``fault``. Rule (C1): min(unit rating, installer max, limit in force),
+        where the limit in force is the server's setpoint while the lease holds,
+        the start current before the first setpoint of a session, and the
+        offline current once the lease expired (never above the start current
+        for a session the server has not yet allocated to). Below 6 A: pause.
+        """
+        s = self.settings
+        if self.fault is not None:
+            return 0, FAULT
+        if not self.online(now):
+            amps, why = s["offline_a"], OFFLINE
+            if self._setpoint_a is None and s["start_a"] < amps:
+                amps, why = s["start_a"], START
+        elif self._setpoint_a is None:
+            amps, why = s["start_a"], START
+        else:
+            amps, why = self._setpoint_a, SETPOINT
+        cap = min(s["unit_rating_a"], s["installer_max_a"])
+        if amps > cap:
+            amps, why = cap, UNIT
+        if self.thermal_a is not None and amps > self.thermal_a:
+            amps, why = self.thermal_a, THERMAL
+        if amps < MIN_A:
+            return 0, PAUSE
+        return amps, why

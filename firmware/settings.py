@@ -1,0 +1,170 @@
+"""Charger settings: schema, validation and persistence (C5).
+
+Two files, each written atomically and only when a value changes:
+
+* ``settings.json``: ordinary settings, safe to show to a technician.
+* ``secrets.json``: WiFi and broker credentials, kept apart and never printed.
+
+A missing or corrupt file gives the defaults below; a single out-of-range or
+wrongly typed field falls back to its own default. The defaults are safe on
+any circuit: 8 A start, 8 A offline (seed), and an installer max of 16 A (the
+limit of the smallest common circuit, 20 A x 80 %), never the unit's rating.
+"""
+import json
+
+from firmware import store
+
+_ID_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789-"
+_TOPIC_CHARS = _ID_CHARS + "_/"
+
+
+def _number(value, lo, hi, name, allow_zero=False):
+    # bool is an int on CPython but not on MicroPython: reject it on both.
+    if type(value) is not int and type(value) is not float:
+        raise ValueError("%s must be a number, got %r" % (name, value))
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError("%s must be finite" % name)
+    if allow_zero and value == 0:
+        return 0
+    if value < lo or value > hi:
+        if allow_zero:
+            raise ValueError("%s must be 0 or %s..%s, got %r" % (name, lo, hi, value))
+        raise ValueError("%s must be %s..%s, got %r" % (name, lo, hi, value))
+    return value
+
+
+def _integer(value, lo, hi, name):
+    if type(value) is not int:
+        raise ValueError("%s must be an integer, got %r" % (name, value))
+    return _number(value, lo, hi, name)
+
+
+def _text(value, chars, lo, hi, name):
+    if type(value) is not str:
+        raise ValueError("%s must be a string, got %r" % (name, value))
+    if not lo <= len(value) <= hi:
+        raise ValueError("%s must be %d..%d characters long" % (name, lo, hi))
+    if chars:
+        for c in value:
+            if c not in chars:
+                raise ValueError("%s may only use %s, got %r" % (name, "a-z 0-9 " + chars[36:], value))
+    return value
+
+
+def _flag(value, name):
+    if type(value) is not bool:
+        raise ValueError("%s must be true or false, got %r" % (name, value))
+    return value
+
+
+# name: (default, validator(value, name) -> normalised value; raises ValueError)
+SCHEMA = {
+    # Current that the unit's hardware (contactor, cable, PCB) carries, A.
+    "unit_rating_a": (32, lambda v, n: _number(v, 6, 80, n)),
+    # Breaker-derived cap set by the installer, A (NEC 625.41: 80 % of the breaker).
+    "installer_max_a": (16, lambda v, n: _number(v, 6, 80, n)),
+    # Current every session starts at until the server allocates (seed: 8 A; 0 = wait).
+    "start_a": (8, lambda v, n: _number(v, 6, 80, n, True)),
+    # Current in force once the connectivity watchdog expires (seed: 8 A; 0 = no charging).
+    "offline_a": (8, lambda v, n: _number(v, 6, 80, n, True)),
+    # Connectivity watchdog timeout T_wd, s (C4: default 30, 10..600).
+    "t_wd_s": (30, lambda v, n: _integer(v, 10, 600, n)),
+    "charger_id": ("evse-1", lambda v, n: _text(v, _ID_CHARS, 1, 32, n)),
+    "topic_prefix": ("evse", lambda v, n: _text(v, _TOPIC_CHARS, 1, 32, n)),
+    "mqtt_host": ("", lambda v, n: _text(v, None, 0, 128, n)),
+    "mqtt_port": (1883, lambda v, n: _integer(v, 1, 65535, n)),
+    "mqtt_tls": (False, _flag),
+    # MQTT keepalive, s. mosquitto >= 2.0.12 refuses 0 (DESIGN.md §6).
+    "keepalive_s": (30, lambda v, n: _integer(v, 5, 600, n)),
+}
+
+SECRETS = {
+    "wifi_ssid": ("", lambda v, n: _text(v, None, 0, 32, n)),
+    "wifi_password": ("", lambda v, n: _text(v, None, 0, 64, n)),
+    "mqtt_user": ("", lambda v, n: _text(v, None, 0, 64, n)),
+    "mqtt_password": ("", lambda v, n: _text(v, None, 0, 128, n)),
+    "ca_cert": ("", lambda v, n: _text(v, None, 0, 4096, n)),
+}
+
+
+class Store:
+    """Validated key/value settings persisted as JSON in one file.
+
+    ``schema`` maps a name to ``(default, validator)``. After construction,
+    ``values`` holds every key of the schema; ``problems`` lists what was wrong
+    with the file (empty when it loaded cleanly). Nothing raises on a bad file.
+    """
+
+    def __init__(self, path, schema, fs=store.FS):
+        self.path = path
+        self.schema = schema
+        self.fs = fs
+        self.problems = []
+        self.values = self._load()
+
+    def _load(self):
+        values = {}
+        for name in self.schema:
+            values[name] = self.schema[name][0]
+        text = store.read_text(self.path, self.fs)
+        if text is None:
+            self.problems.append("%s missing: defaults in force" % self.path)
+            return values
+        try:
+            data = json.loads(text)
+        except ValueError:
+            data = None
+        if type(data) is not dict:
+            self.problems.append("%s corrupt: defaults in force" % self.path)
+            return values
+        for name in self.schema:
+            if name in data:
+                try:
+                    values[name] = self.schema[name][1](data[name], name)
+                except ValueError as exc:
+                    self.problems.append("%s: %s; default %r in force" % (self.path, exc, values[name]))
+        return values
+
+    def __getitem__(self, name):
+        return self.values[name]
+
+    def check(self, name, value):
+        """Return ``value`` validated for ``name``; raise ValueError with a clear
+        message for an unknown name or a bad value. Changes nothing."""
+        if name not in self.schema:
+            raise ValueError("unknown setting %r" % (name,))
+        return self.schema[name][1](value, name)
+
+    def update(self, changes):
+        """Validate every item of ``changes`` (dict), then apply them all and
+        persist once, only if a value differs. All or nothing: a bad item raises
+        ValueError and nothing is applied. Returns True when the file was written.
+        Raises OSError when the write fails; the stored values are then unchanged."""
+        checked = {}
+        for name in changes:
+            checked[name] = self.check(name, changes[name])
+        new = dict(self.values)
+        changed = False
+        for name in checked:
+            if new[name] != checked[name]:
+                new[name] = checked[name]
+                changed = True
+        if not changed:
+            return False
+        store.write_atomic(self.path, json.dumps(new), self.fs)
+        self.values = new
+        return True
+
+    def set(self, name, value):
+        """Validate and persist one setting (see :meth:`update`)."""
+        return self.update({name: value})
+
+
+def load(directory="", fs=store.FS):
+    """Open the two stores in ``directory`` (device root by default).
+
+    Returns ``(settings, secrets)``, two :class:`Store`.
+    """
+    prefix = directory + "/" if directory and not directory.endswith("/") else directory
+    return (Store(prefix + "settings.json", SCHEMA, fs),
+            Store(prefix + "secrets.json", SECRETS, fs))

@@ -1,0 +1,99 @@
+"""Fakes for the firmware logic tests. They hold state, not behaviour.
+
+Shared by both runtimes: CPython (pytest) and the MicroPython unix port
+(tests/mpy_run.py), so only the subset of Python both understand is used.
+"""
+
+PERIOD = 1 << 30
+"""ESP32 ``ticks_ms`` period (DESIGN.md §6, C6): 2^30 ms, about 12.4 days."""
+_HALF = PERIOD // 2
+
+
+class FakeClock:
+    """An injected ``time``-like clock with the ESP32 tick period.
+
+    ``ticks_ms()`` returns the current tick; ``advance(ms)`` moves it.
+    The default start is 5 s before the wrap, as C6 asks of host tests."""
+
+    def __init__(self, start=PERIOD - 5000):
+        self.now = start % PERIOD
+        self.slept = 0
+
+    def ticks_ms(self):
+        return self.now
+
+    def ticks_add(self, t, delta):
+        return (t + delta) % PERIOD
+
+    def ticks_diff(self, a, b):
+        return ((a - b + _HALF) % PERIOD) - _HALF
+
+    def advance(self, ms):
+        self.now = (self.now + ms) % PERIOD
+
+    def sleep_ms(self, ms):
+        self.slept += ms
+        self.advance(ms)
+
+
+class PowerCut(Exception):
+    """Raised by :class:`CutFs` where the power fails."""
+
+
+class _CutFile:
+    def __init__(self, fs, path, mode):
+        self.fs = fs
+        self.path = path
+        self.mode = mode
+        if "w" in mode:
+            fs.step("open")
+            fs.files[path] = ""
+        elif path not in fs.files:
+            raise OSError(2, "ENOENT")
+
+    def write(self, text):
+        # A write is two steps: half the data lands, then the rest.
+        half = len(text) // 2
+        self.fs.step("write-half")
+        self.fs.files[self.path] += text[:half]
+        self.fs.step("write-rest")
+        self.fs.files[self.path] += text[half:]
+        return len(text)
+
+    def read(self):
+        return self.fs.files[self.path]
+
+    def close(self):
+        if "w" in self.mode:
+            self.fs.step("close")
+
+
+class CutFs:
+    """An in-memory filesystem that loses power at step number ``cut_at``
+    (0-based count of mutating steps), raising :class:`PowerCut`. Whatever
+    reached ``files`` before the cut stays, as on flash. ``steps`` lists the
+    names of the steps that completed."""
+
+    def __init__(self, files=None, cut_at=None):
+        self.files = dict(files or {})
+        self.cut_at = cut_at
+        self.steps = []
+
+    def step(self, name):
+        if self.cut_at is not None and len(self.steps) == self.cut_at:
+            raise PowerCut(name)
+        self.steps.append(name)
+
+    def open(self, path, mode):
+        return _CutFile(self, path, mode)
+
+    def rename(self, src, dst):
+        self.step("rename")
+        self.files[dst] = self.files.pop(src)
+
+    def remove(self, path):
+        self.step("remove")
+        del self.files[path]
+
+    def sync(self):
+        self.step("sync")

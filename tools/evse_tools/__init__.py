@@ -1,0 +1,1 @@
+"""PC-side tools for the load-sharing EV charger (CPython only)."""
