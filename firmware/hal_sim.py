@@ -140,13 +140,13 @@ class UdpControl:
     ``{"error": "..."}``. Telemetry (``{"t_ms": ..., "state": ..., ...}``, the
     fields of :meth:`firmware.app.Charger.status` plus ``soc`` and
     ``energy_wh``) is sent on every change of state, pilot, relay or limit,
-    and at least every ``period_ms``.
+    and of the measured current (0.1 A), and at least every ``period_ms``.
     """
 
-    def __init__(self, board, port, period_ms=500):
+    def __init__(self, board, charger, port, period_ms=500):
         import socket
         self.board = board
-        self.charger = None
+        self.charger = charger
         self.period_ms = period_ms
         self.quit = False
         self._watchers = []
@@ -171,7 +171,7 @@ class UdpControl:
             reply = self._handle(data, addr)
             if reply is not None:
                 self._send(reply, addr)
-        if self._watchers and self.charger is not None:
+        if self._watchers:
             self._telemetry()
         return self.quit
 
@@ -218,7 +218,8 @@ class UdpControl:
         c = self.charger
         now = self.board.clock.ticks_ms()
         st = c.status()
-        key = (st["state"], st["duty_u16"], st["relay"], st["limit_a"], st["limit_by"], st["fault"])
+        key = (st["state"], st["duty_u16"], st["relay"], st["limit_a"], st["limit_by"], st["fault"],
+               int(st["measured_a"] * 10))
         due = self._last_sent is None or self.board.clock.ticks_diff(now, self._last_sent) >= self.period_ms
         if key == self._last_key and not due:
             return

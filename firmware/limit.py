@@ -71,7 +71,7 @@ class LimitArbiter:
         """
         try:
             sp = _setpoint.parse(payload)
-            if sp.epoch == self.epoch and sp.seq <= self.ack_seq:
+            if sp.epoch == self.epoch and self.ack_seq is not None and sp.seq <= self.ack_seq:
                 raise ValueError("stale seq %d (last applied %d in epoch %d)"
                                  % (sp.seq, self.ack_seq, sp.epoch))
         except ValueError as exc:

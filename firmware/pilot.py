@@ -8,8 +8,7 @@ Units: currents in A (int or float), voltages in mV (int), duty as the 16-bit
 try:
     from micropython import const
 except ImportError:  # CPython
-    def const(x):
-        return x
+    const = lambda x: x  # noqa: E731
 
 # Encoding works in deciamps (0.1 A) with integer arithmetic, so that the
 # 32-bit floats of the ESP32 can never round a duty above its ideal value.

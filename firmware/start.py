@@ -64,8 +64,7 @@ def sim(argv):
         print("[%s] %s" % (cfg["charger_id"], text))
 
     charger = app.Charger(board, time, cfg, log)
-    control = UdpControl(board, port)
-    control.charger = charger
+    control = UdpControl(board, charger, port)
     log("simulated board on udp 127.0.0.1:%d" % port)
 
     def crashed(exc):

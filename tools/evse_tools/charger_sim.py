@@ -1,0 +1,210 @@
+"""Run one simulated charger on the MicroPython unix port, with no server, and
+print its timeline.
+
+The charger is the real firmware (``main.py``) in a ``micropython`` process
+with the simulated board (:mod:`firmware.hal_sim`). This tool provisions its
+settings file, drives the board over UDP (plug in an EV, unplug) and prints
+each telemetry change. With no server the session starts at the start current
+(8 A) and falls to the offline current once the connectivity watchdog
+``T_wd`` expires.
+
+Reference EV (default): Chevrolet Bolt EV (2020): 7.2 kW onboard charger,
+32 A at 240 V; 66 kWh battery (Chevrolet's 2020 Bolt EV specifications).
+"""
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+BOLT_EV = {"name": "bolt-ev", "max_a": 32, "battery_wh": 66000, "soc": 0.3, "delay_ms": 2000}
+
+
+def micropython_cmd() -> str:
+    """Path of the ``micropython`` command of the venv running this tool."""
+    local = Path(sys.executable).parent / "micropython"
+    if local.exists():
+        return str(local)
+    found = shutil.which("micropython")
+    if not found:
+        raise SystemExit("error: the micropython command is missing; run `make test` or `make sim` "
+                         "to create .venv")
+    return found
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class SimCharger:
+    """A firmware process on the unix port with its simulated board.
+
+    ``settings`` (dict) is written to its ``settings.json`` before start.
+    Use as a context manager; :meth:`send` sends a control command and
+    :meth:`poll` returns the telemetry received (list of dicts).
+    """
+
+    def __init__(self, settings: dict, workdir: Path, port: int | None = None):
+        self.workdir = workdir
+        self.port = port or free_udp_port()
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "settings.json").write_text(json.dumps(settings))
+        env = dict(os.environ, MICROPYPATH=f".frozen:{REPO}:{REPO / 'lib'}")
+        self.log = open(workdir / "firmware.log", "w")
+        self.proc = subprocess.Popen(
+            [micropython_cmd(), str(REPO / "main.py"), "--dir", str(workdir),
+             "--ctl-port", str(self.port)],
+            env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(0.05)
+
+    def send(self, cmd: dict) -> None:
+        self.sock.sendto(json.dumps(cmd).encode(), ("127.0.0.1", self.port))
+
+    def poll(self, timeout: float = 0.05) -> list[dict]:
+        out = []
+        self.sock.settimeout(timeout)
+        while True:
+            try:
+                data, _ = self.sock.recvfrom(65536)
+            except (socket.timeout, BlockingIOError):
+                return out
+            msg = json.loads(data)
+            if "t_ms" in msg:
+                out.append(msg)
+            elif "error" in msg:
+                raise RuntimeError(f"charger refused a command: {msg['error']}")
+            self.sock.settimeout(0)
+
+    def wait_ready(self, timeout: float = 10.0) -> dict:
+        """Subscribe to telemetry; return the first sample (raises on timeout)."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"firmware exited with {self.proc.returncode}; "
+                                   f"see {self.workdir / 'firmware.log'}")
+            self.send({"cmd": "watch"})
+            got = self.poll(0.2)
+            if got:
+                return got[0]
+        raise RuntimeError("no telemetry from the firmware process")
+
+    def close(self) -> int:
+        if self.proc.poll() is None:
+            self.send({"cmd": "quit"})
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.sock.close()
+        self.log.close()
+        return self.proc.returncode
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def fmt(s: dict) -> str:
+    return (f"{s['t_ms'] / 1000:7.2f} s  state {s['state']}  pilot {s['pilot_a']:5.1f} A  "
+            f"measured {s['measured_a']:5.1f} A  limit {s['limit_a']:>4} A ({s['limit_by']:<8})  "
+            f"contactor {'closed' if s['relay'] else 'open  '}  "
+            f"lease {s['lease_age_ms'] / 1000:5.1f} s")
+
+
+def run(t_wd_s: int, offline_a: float, plug_at: float, unplug_at: float, ev: dict,
+        out=print) -> list[dict]:
+    """Run the timeline and return every telemetry sample received."""
+    settings = {"charger_id": "garage-1", "unit_rating_a": 40, "installer_max_a": 40,
+                "start_a": 8, "offline_a": offline_a, "t_wd_s": t_wd_s}
+    samples: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="evse-charger-") as tmp:
+        with SimCharger(settings, Path(tmp)) as ch:
+            first = ch.wait_ready()
+            out(f"firmware on the MicroPython unix port, simulated board on udp {ch.port}; "
+                f"no server. T_wd {t_wd_s} s, start 8 A, offline {offline_a} A")
+            t0 = time.monotonic() - first["t_ms"] / 1000
+            plugged = unplugged = False
+            samples.append(first)
+            out(fmt(first))
+            while True:
+                now = time.monotonic() - t0
+                if not plugged and now >= plug_at:
+                    out(f"{now:7.2f} s  -- plug in {ev['name']} (onboard charger {ev['max_a']} A)")
+                    ch.send({"cmd": "plug", "ev": ev})
+                    plugged = True
+                if not unplugged and now >= unplug_at:
+                    out(f"{now:7.2f} s  -- unplug")
+                    ch.send({"cmd": "unplug"})
+                    unplugged = True
+                if now >= unplug_at + 1:
+                    break
+                for s in ch.poll(0.05):
+                    prev = samples[-1]
+                    samples.append(s)
+                    if any(s[k] != prev[k] for k in ("state", "pilot_a", "measured_a", "limit_by",
+                                                      "relay", "fault")):
+                        out(fmt(s))
+    return samples
+
+
+def summary(samples: list[dict], t_wd_s: int) -> dict:
+    """First offer of the session and the watchdog fallback, from telemetry."""
+    first_pwm = next((s for s in samples if s["pilot_a"] > 0), None)
+    fallback = next((s for s in samples if s["limit_by"] == "offline"), None)
+    return {
+        "first_offer_a": first_pwm["pilot_a"] if first_pwm else None,
+        "first_offer_by": first_pwm["limit_by"] if first_pwm else None,
+        "fallback_at_s": fallback["t_ms"] / 1000 if fallback else None,
+        "offline_a": fallback["limit_a"] if fallback else None,
+        "peak_measured_a": max(s["measured_a"] for s in samples),
+        "t_wd_s": t_wd_s,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Run one simulated charger with no server and "
+                                             "print its timeline.")
+    ap.add_argument("--t-wd", type=int, default=10, metavar="S",
+                    help="connectivity watchdog timeout T_wd, 10..600 s (default 10)")
+    ap.add_argument("--offline", type=float, default=6, metavar="A",
+                    help="offline current, 0 or 6..80 A (default 6, so the fallback shows)")
+    ap.add_argument("--plug-at", type=float, default=2.0, metavar="S",
+                    help="when the EV plugs in, s after boot (default 2)")
+    ap.add_argument("--unplug-at", type=float, default=None, metavar="S",
+                    help="when the EV leaves, s after boot (default T_wd + 5)")
+    args = ap.parse_args(argv)
+    if not 10 <= args.t_wd <= 600:
+        ap.error("--t-wd must be 10..600 s")
+    if args.offline != 0 and not 6 <= args.offline <= 80:
+        ap.error("--offline must be 0 or 6..80 A")
+    unplug_at = args.unplug_at if args.unplug_at is not None else args.t_wd + 5
+    if unplug_at <= args.plug_at:
+        ap.error("--unplug-at must come after --plug-at")
+    samples = run(args.t_wd, args.offline, args.plug_at, unplug_at, BOLT_EV)
+    s = summary(samples, args.t_wd)
+    print("summary:")
+    print(f"  first offer of the session: {s['first_offer_a']} A ({s['first_offer_by']})")
+    if s["fallback_at_s"] is None:
+        print("  no watchdog fallback seen")
+    else:
+        print(f"  watchdog fallback to the offline current: {s['offline_a']} A at "
+              f"{s['fallback_at_s']:.2f} s after boot (T_wd {args.t_wd} s, no server)")
+    print(f"  peak measured current: {s['peak_measured_a']} A")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
