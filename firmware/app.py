@@ -25,7 +25,8 @@ class Charger:
     """One EVSE. Public: ``evse`` (:class:`firmware.evse.Evse`), ``arbiter``
     (:class:`firmware.limit.LimitArbiter`), ``reader``
     (:class:`firmware.pilot.PilotReader`), ``limit_a``/``limit_by`` of the
-    last tick, ``events`` (the last 32 ``(tick_ms, text)`` log entries)."""
+    last tick, ``events`` (the last 32 ``(tick_ms, text)`` log entries),
+    ``uptime_s`` (s, counted tick by tick so that it survives the tick wrap)."""
 
     def __init__(self, hal, clock, settings, log=None):
         self.hal = hal
@@ -39,6 +40,11 @@ class Charger:
         self.limit_a = 0
         self.limit_by = "start"
         self.events = []
+        self.uptime_s = 0
+        self._uptime_ms = 0
+        self._last_tick = now
+        self._charge_mams = 0    # session charge, mA x ms below one mAh
+        self._session_mah = 0
         self._pilot = None   # what the hardware was last told
         self._duty = -1
         self._offer_a = 0
@@ -81,6 +87,7 @@ class Charger:
     def tick(self):
         """Run one control tick. Never blocks."""
         now = self.clock.ticks_ms()
+        self._count_time(now)
         evse = self.evse
         high, low = self.hal.read_pilot()
         state = self.reader.update(high, low, self._pilot == _evse.PILOT_PWM)
@@ -88,6 +95,8 @@ class Charger:
         evse.edge(state, now)
         if evse.session_started:
             self.arbiter.start_session()
+            self._session_mah = 0
+            self._charge_mams = 0
             self.log("session start: EV in %s" % state)
         elif evse.session_ended:
             self.log("session end: EV in %s" % state)
@@ -102,6 +111,28 @@ class Charger:
         evse.outputs(amps, self.reader.diode_ok, now)
         self._apply()
         self.hal.feed_wdt()
+
+    def _count_time(self, now):
+        # Uptime and session energy, integer arithmetic only: ESP32 floats are
+        # 32-bit and integers above 2^30 allocate (DESIGN.md §6).
+        dt = self.clock.ticks_diff(now, self._last_tick)
+        self._last_tick = now
+        if dt <= 0:
+            return
+        self._uptime_ms += dt
+        if self._uptime_ms >= 1000:
+            self.uptime_s += self._uptime_ms // 1000
+            self._uptime_ms %= 1000
+        if self._relay:
+            self._charge_mams += int(self.hal.measured_a() * 1000) * dt
+            if self._charge_mams >= 3600000:
+                self._session_mah += self._charge_mams // 3600000
+                self._charge_mams %= 3600000
+
+    def session_wh(self):
+        """Energy delivered in the current (or last) session, Wh (int), from
+        the measured current at the nominal supply voltage ``supply_v``."""
+        return self._session_mah * self.settings["supply_v"] // 1000
 
     def _apply(self):
         # Open the contactor before touching the pilot, close it after.

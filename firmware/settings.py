@@ -67,6 +67,8 @@ SCHEMA = {
     "start_a": (8, lambda v, n: _number(v, 6, 80, n, True)),
     # Current in force once the connectivity watchdog expires (seed: 8 A; 0 = no charging).
     "offline_a": (8, lambda v, n: _number(v, 6, 80, n, True)),
+    # Nominal supply voltage for the session energy, V (North American Level 2: 240).
+    "supply_v": (240, lambda v, n: _integer(v, 100, 480, n)),
     # Connectivity watchdog timeout T_wd, s (C4: default 30, 10..600).
     "t_wd_s": (30, lambda v, n: _integer(v, 10, 600, n)),
     "charger_id": ("evse-1", lambda v, n: _text(v, _ID_CHARS, 1, 32, n)),

@@ -12,6 +12,34 @@ import time
 
 from firmware import app, settings
 from firmware.supervisor import supervise
+from firmware.version import FW
+
+
+def topics(cfg):
+    """The charger's MQTT topics (bytes) from ``topic_prefix`` and ``charger_id``."""
+    base = "%s/%s/" % (cfg["topic_prefix"], cfg["charger_id"])
+    return {"set": (base + "set").encode(), "cmd": (base + "cmd").encode(),
+            "state": (base + "state").encode(), "online": (base + "online").encode()}
+
+
+def link_up(cfg, secrets, charger, reboot=None, network_ready=None):
+    """Start the MQTT link thread and return the :class:`firmware.uplink.Uplink`
+    that the control loop polls, or None when no broker is configured."""
+    if not cfg["mqtt_host"]:
+        charger.log("no mqtt_host set: running without a server")
+        return None
+    if cfg["mqtt_tls"]:
+        charger.log("mqtt_tls is not supported yet: running without a server")
+        return None
+    from firmware.mqtt_link import MqttLink
+    from firmware.uplink import Uplink
+
+    link = MqttLink(cfg["charger_id"], cfg["mqtt_host"], cfg["mqtt_port"], topics(cfg),
+                    cfg["keepalive_s"], secrets["mqtt_user"] or None,
+                    secrets["mqtt_password"] or None, network_ready=network_ready)
+    link.start()
+    charger.log("mqtt link to %s:%d started" % (cfg["mqtt_host"], cfg["mqtt_port"]))
+    return Uplink(charger, link, FW, reboot)
 
 
 def esp32():
@@ -19,10 +47,17 @@ def esp32():
     import machine
     from firmware.hal_esp32 import Esp32Board
 
+    import network
+
     board = Esp32Board()
     board.safe_state()
-    cfg, _secrets = settings.load("")
+    cfg, secrets = settings.load("")
     charger = app.Charger(board, time, cfg, print)
+    wlan = network.WLAN(network.STA_IF)
+    wlan.active(True)
+    if secrets["wifi_ssid"]:
+        wlan.connect(secrets["wifi_ssid"], secrets["wifi_password"])  # returns at once
+    uplink = link_up(cfg, secrets, charger, machine.reset, wlan.isconnected)
 
     def crashed(exc):
         if isinstance(exc, KeyboardInterrupt):
@@ -33,7 +68,7 @@ def esp32():
         time.sleep_ms(1000)
         machine.reset()
 
-    supervise(lambda: app.run(charger, time), board, crashed)
+    supervise(lambda: app.run(charger, time, uplink.poll if uplink else None), board, crashed)
 
 
 def _arg(argv, name, default):
@@ -50,30 +85,43 @@ def sim(argv):
 
     Options: ``--dir DIR`` (where settings.json and secrets.json live,
     default ``.``), ``--ctl-port N`` (UDP control port on 127.0.0.1, default
-    7700). Prints events to stdout; exits 0 on the ``quit`` command, 1 after a
-    crash (the board having been made safe first).
+    7700). With ``mqtt_host`` set it connects to that broker like a real
+    charger. Prints events to stdout; exits 0 on the ``quit`` command, 3 on a
+    ``reboot`` command, 1 after a crash (the board made safe first each time).
     """
     from firmware.hal_sim import SimBoard, UdpControl
 
     directory = _arg(argv, "--dir", ".")
     port = int(_arg(argv, "--ctl-port", "7700"))
     board = SimBoard(time)
-    cfg, _secrets = settings.load(directory)
+    cfg, secrets = settings.load(directory)
 
     def log(text):
         print("[%s] %s" % (cfg["charger_id"], text))
 
     charger = app.Charger(board, time, cfg, log)
     control = UdpControl(board, charger, port)
-    log("simulated board on udp 127.0.0.1:%d" % port)
+    log("simulated board on udp 127.0.0.1:%d, firmware %s" % (port, FW))
+
+    def reboot():
+        raise SystemExit(3)
+
+    uplink = link_up(cfg, secrets, charger, reboot)
+
+    def poll():
+        if uplink is not None:
+            uplink.poll()
+        return control.poll()
 
     def crashed(exc):
-        if isinstance(exc, SystemExit) and not exc.args:
-            return 0
+        if isinstance(exc, SystemExit):
+            return exc.args[0] if exc.args else 0
         print("crash: %s: %s (board made safe)" % (type(exc).__name__, exc))
         return 1
 
-    code = supervise(lambda: app.run(charger, time, control.poll), board, crashed)
+    code = supervise(lambda: app.run(charger, time, poll), board, crashed)
+    if uplink is not None:
+        uplink.link.stop()
     control.close()
     sys.exit(code or 0)
 

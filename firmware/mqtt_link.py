@@ -1,0 +1,412 @@
+"""The charger's MQTT link: umqtt.simple, bounded, on its own thread (C4).
+
+The control loop must never wait on the network (C4): a connect that never
+gets a CONNACK, DNS that never answers or a blackholed TLS session must not
+delay the watchdog fallback or a contactor opening. So the link runs on a
+thread of its own and talks to the control loop only through a mailbox
+guarded by a lock that is never held across a network call; the control loop
+takes that lock without waiting (``acquire(0)``) and simply tries again next
+tick. If the link thread hangs or dies, nothing stops the control loop: no
+valid setpoint arrives, and the connectivity watchdog does its job.
+
+umqtt.simple is wrapped, not modified (DESIGN.md §6):
+
+* its module-level ``socket`` is replaced by :class:`_SocketModule`, whose
+  sockets turn every "blocking" read, write and connect into one bounded by
+  ``io_timeout_ms``; ``check_msg()``'s ``setblocking(True)`` can therefore no
+  longer hang forever on the ESP32;
+* every byte read goes through :class:`_Framer`, which follows the MQTT
+  fixed headers, so the link knows when a PINGRESP arrived (umqtt.simple
+  swallows it) and whether a PUBLISH carried the retain flag (umqtt.simple's
+  callback does not say; retained ``set``/``cmd`` messages are ignored, §4);
+* keepalive is always explicit (mosquitto >= 2.0.12 refuses 0), a PINGREQ goes
+  out every keepalive/2, and a PINGRESP missing for a whole keepalive counts
+  as a dead link; the reconnect backoff doubles from 1 s to 60 s;
+* the state is published with QoS 0 (retained), so no publish waits for a
+  PUBACK; the online flag is QoS 1 retained, with ``"0"`` as the last will.
+
+A PINGRESP proves the link is alive, but it never feeds the connectivity
+watchdog: only a valid setpoint does (C4).
+"""
+import time
+
+import _thread
+
+_INBOX_MAX = 8
+_BACKOFF_MIN_MS = 1000
+_BACKOFF_MAX_MS = 60000
+
+
+class _Framer:
+    """Follows MQTT packet boundaries in the received byte stream.
+
+    ``publish_header`` is the fixed-header byte of the latest PUBLISH (bit 0 is
+    the retain flag); ``pingresp`` counts PINGRESPs; ``rx_bytes`` counts bytes.
+    """
+
+    def __init__(self):
+        self.publish_header = 0
+        self.pingresp = 0
+        self.rx_bytes = 0
+        self._phase = 0       # 0: fixed header, 1: remaining length, 2: body
+        self._header = 0
+        self._left = 0
+        self._shift = 0
+
+    def feed(self, data):
+        for b in data:
+            self.rx_bytes += 1
+            if self._phase == 0:
+                self._header = b
+                self._left = 0
+                self._shift = 0
+                self._phase = 1
+                if b & 0xF0 == 0x30:
+                    self.publish_header = b
+            elif self._phase == 1:
+                self._left |= (b & 0x7F) << self._shift
+                self._shift += 7
+                if not b & 0x80:
+                    if self._left == 0:
+                        self._packet_done()
+                    else:
+                        self._phase = 2
+            else:
+                self._left -= 1
+                if self._left == 0:
+                    self._packet_done()
+
+    def _packet_done(self):
+        if self._header == 0xD0:
+            self.pingresp += 1
+        self._phase = 0
+
+
+class _BoundedSocket:
+    """A socket for umqtt.simple whose every call returns within the timeout.
+
+    ``setblocking(False)`` makes the next reads non-blocking (return None when
+    nothing waits); ``setblocking(True)`` makes them wait at most
+    ``timeout_ms`` for all the bytes asked, then raise OSError(110, timeout).
+    """
+
+    def __init__(self, sockmod, timeout_ms, framer, tls_wrap):
+        self._sockmod = sockmod
+        self._s = sockmod.socket()
+        self._timeout_ms = timeout_ms
+        self._framer = framer
+        self._tls_wrap = tls_wrap
+        self._nonblocking = False
+
+    def connect(self, addr):
+        self._s.settimeout(self._timeout_ms / 1000)
+        self._s.connect(addr)
+        if self._tls_wrap is not None:
+            self._s = self._tls_wrap(self._s)
+
+    def setblocking(self, flag):
+        self._nonblocking = not flag
+
+    def _deadline(self):
+        return time.ticks_add(time.ticks_ms(), self._timeout_ms)
+
+    def read(self, n):
+        if self._nonblocking:
+            self._s.settimeout(0)
+            try:
+                data = self._s.read(n)
+            except OSError:
+                return None
+            if data:
+                self._framer.feed(data)
+            return data
+        deadline = self._deadline()
+        buf = b""
+        while len(buf) < n:
+            left = time.ticks_diff(deadline, time.ticks_ms())
+            if left <= 0:
+                raise OSError(110, "timeout")
+            self._s.settimeout(left / 1000)
+            try:
+                data = self._s.read(n - len(buf))
+            except OSError as exc:
+                if exc.args and exc.args[0] in (11, 110, 116):  # EAGAIN, ETIMEDOUT
+                    continue
+                raise
+            if data is None:
+                continue       # timed out: the deadline decides
+            if not data:
+                break          # peer closed: umqtt raises on the short read
+            self._framer.feed(data)
+            buf += data
+        return buf
+
+    def write(self, data, length=None):
+        if length is not None:
+            data = memoryview(data)[:length]
+        deadline = self._deadline()
+        sent = 0
+        total = len(data)
+        while sent < total:
+            left = time.ticks_diff(deadline, time.ticks_ms())
+            if left <= 0:
+                raise OSError(110, "timeout")
+            self._s.settimeout(left / 1000)
+            try:
+                n = self._s.write(memoryview(data)[sent:])
+            except OSError as exc:
+                if exc.args and exc.args[0] in (11, 110, 116):
+                    continue
+                raise
+            sent += n or 0
+        return total
+
+    def close(self):
+        try:
+            self._s.close()
+        except OSError:
+            pass
+
+
+class _SocketModule:
+    """Stands in for the ``socket`` module inside umqtt.simple."""
+
+    def __init__(self, link):
+        import socket
+        self._socket = socket
+        self._link = link
+
+    def socket(self, *args):
+        link = self._link
+        link.framer = _Framer()
+        s = _BoundedSocket(self._socket, link.io_timeout_ms, link.framer, link.tls_wrap)
+        link.sock = s
+        return s
+
+    def getaddrinfo(self, host, port, *args):
+        return self._socket.getaddrinfo(host, port)
+
+
+class MqttLink:
+    """Connection to the broker for one charger.
+
+    ``topics``: dict with ``set``, ``cmd``, ``state`` and ``online`` topics
+    (bytes). ``keepalive_s`` 5..600 s; ``io_timeout_ms`` bounds every socket
+    call. ``client_factory(client_id, host, port, user, password, keepalive)``
+    returns an ``umqtt.simple.MQTTClient``-like object (default: the real
+    umqtt.simple with bounded sockets, :func:`umqtt_factory`).
+    ``network_ready()`` (optional) returns False while WiFi is down.
+
+    Control-loop side (never blocks): :meth:`take` returns received messages,
+    :meth:`offer_state` hands over the latest state payload, :meth:`stats`
+    reports. Link side: :meth:`start` runs :meth:`serve` on a new thread;
+    :meth:`step` is one bounded iteration (for tests).
+    """
+
+    def __init__(self, client_id, host, port, topics, keepalive_s=30, user=None,
+                 password=None, io_timeout_ms=3000, network_ready=None, tls_wrap=None,
+                 clock=time, client_factory=None):
+        self.client_factory = client_factory or umqtt_factory(self)
+        self.client_id = client_id
+        self.host = host
+        self.port = port
+        self.topics = topics
+        self.keepalive_s = keepalive_s
+        self.user = user
+        self.password = password
+        self.io_timeout_ms = io_timeout_ms
+        self.network_ready = network_ready
+        self.tls_wrap = tls_wrap
+        self.clock = clock
+        self.framer = _Framer()
+        self.sock = None
+        self.client = None
+        self.connected = False
+        self.connects = 0
+        self.failures = 0
+        self.retained_dropped = 0
+        self.inbox_dropped = 0
+        self.last_error = None
+        self.last_connack = None
+        self.running = False
+        self._stop = False
+        self._lock = _thread.allocate_lock()
+        self._inbox = []
+        self._state = None
+        self._state_sent = None
+        self._backoff_ms = _BACKOFF_MIN_MS
+        self._next_try = clock.ticks_ms()
+        self._ping_at = 0
+        self._pings_seen = 0
+        self._pingresp_at = 0
+
+    # -- control-loop side: never blocks ---------------------------------------
+
+    def take(self):
+        """Return the received ``(kind, payload)`` list (kind ``set`` or
+        ``cmd``), oldest first, and empty the inbox. Returns [] at once if the
+        link thread holds the lock right now."""
+        if not self._lock.acquire(0):
+            return []
+        got = self._inbox
+        self._inbox = []
+        self._lock.release()
+        return got
+
+    def offer_state(self, payload):
+        """Hand over the latest state payload (bytes) for publishing; a newer
+        one replaces an unsent older one. Returns False if it must be retried."""
+        if not self._lock.acquire(0):
+            return False
+        self._state = payload
+        self._lock.release()
+        return True
+
+    def stats(self):
+        """Link status for reports and diagnostics (dict)."""
+        now = self.clock.ticks_ms()
+        return {
+            "connected": self.connected,
+            "connects": self.connects,
+            "failures": self.failures,
+            "last_error": self.last_error,
+            "last_connack": self.last_connack,
+            "pingresp_age_ms": self.clock.ticks_diff(now, self._pingresp_at) if self._pings_seen else None,
+            "retained_dropped": self.retained_dropped,
+            "inbox_dropped": self.inbox_dropped,
+        }
+
+    # -- link side -------------------------------------------------------------
+
+    def _on_message(self, topic, payload):
+        kind = "set" if topic == self.topics["set"] else "cmd" if topic == self.topics["cmd"] else None
+        if kind is None:
+            return
+        if self.framer.publish_header & 0x01:
+            self.retained_dropped += 1     # §4: set and cmd are never retained
+            return
+        self._lock.acquire()
+        try:
+            if len(self._inbox) >= _INBOX_MAX:
+                self._inbox.pop(0)
+                self.inbox_dropped += 1
+            self._inbox.append((kind, payload))
+        finally:
+            self._lock.release()
+
+    def _connect(self):
+        c = self.client_factory(self.client_id, self.host, self.port, self.user, self.password,
+                                self.keepalive_s)
+        c.set_callback(self._on_message)
+        c.set_last_will(self.topics["online"], b"0", True, 1)
+        self.client = c
+        try:
+            c.connect()
+            self.last_connack = 0
+        except Exception as exc:
+            if exc.args and type(exc.args[0]) is int and 0 < exc.args[0] < 6:
+                self.last_connack = exc.args[0]   # MQTTException(code): refused
+            raise
+        c.subscribe(self.topics["set"], 1)
+        c.subscribe(self.topics["cmd"], 1)
+        c.publish(self.topics["online"], b"1", True, 1)
+        now = self.clock.ticks_ms()
+        self._ping_at = now
+        self._pingresp_at = now
+        self._pings_seen = self.framer.pingresp
+        self._state_sent = None
+        self.connected = True
+        self.connects += 1
+        self._backoff_ms = _BACKOFF_MIN_MS
+
+    def _drop(self, exc):
+        self.connected = False
+        self.failures += 1
+        self.last_error = "%s: %s" % (type(exc).__name__, exc)
+        if self.sock is not None:
+            self.sock.close()
+        now = self.clock.ticks_ms()
+        self._next_try = self.clock.ticks_add(now, self._backoff_ms)
+        self._backoff_ms = min(self._backoff_ms * 2, _BACKOFF_MAX_MS)
+
+    def step(self):
+        """One bounded iteration: (re)connect when due, receive what waits,
+        publish a new state, ping. Each socket call returns within
+        ``io_timeout_ms``. Never raises."""
+        now = self.clock.ticks_ms()
+        try:
+            if not self.connected:
+                if self.clock.ticks_diff(now, self._next_try) < 0:
+                    return
+                if self.network_ready is not None and not self.network_ready():
+                    self._next_try = self.clock.ticks_add(now, _BACKOFF_MIN_MS)
+                    return
+                self._connect()
+                now = self.clock.ticks_ms()
+            c = self.client
+            if c is None:
+                return
+            for _ in range(_INBOX_MAX):     # drain what waits, a bounded amount
+                seen = self.framer.rx_bytes
+                c.check_msg()
+                if self.framer.rx_bytes == seen:
+                    break
+            if self.framer.pingresp != self._pings_seen:
+                self._pings_seen = self.framer.pingresp
+                self._pingresp_at = now
+            payload = self._state
+            if payload is not None and payload is not self._state_sent:
+                c.publish(self.topics["state"], payload, True, 0)
+                self._state_sent = payload
+            half = self.keepalive_s * 500
+            if self.clock.ticks_diff(now, self._ping_at) >= half:
+                c.ping()
+                self._ping_at = now
+            if self.clock.ticks_diff(now, self._pingresp_at) > self.keepalive_s * 1000 + half:
+                raise OSError(110, "no PINGRESP for %d s" % (self.keepalive_s * 3 // 2))
+        except Exception as exc:  # every failure means: reconnect with backoff
+            self._drop(exc)
+
+    def serve(self, idle_ms=20):
+        """Run :meth:`step` until :meth:`stop`; the link thread's body."""
+        self.running = True
+        try:
+            while not self._stop:
+                self.step()
+                time.sleep_ms(idle_ms)
+        finally:
+            c = self.client
+            if self.connected and c is not None:
+                try:   # a clean DISCONNECT suppresses the will: say "0" first
+                    c.publish(self.topics["online"], b"0", True, 0)
+                    c.disconnect()
+                except Exception:
+                    pass
+            self.connected = False
+            self.running = False
+
+    def start(self):
+        """Start :meth:`serve` on its own thread."""
+        self.running = True
+        _thread.start_new_thread(self.serve, ())
+
+    def stop(self, wait_ms=500):
+        """Ask the link thread to end, and give it up to ``wait_ms`` to say
+        offline and disconnect. Only for shutdown: the board is already safe."""
+        self._stop = True
+        t0 = self.clock.ticks_ms()
+        while self.running and self.clock.ticks_diff(self.clock.ticks_ms(), t0) < wait_ms:
+            time.sleep_ms(10)
+
+
+def umqtt_factory(link):
+    """Return a ``client_factory`` building umqtt.simple clients whose socket
+    calls are bounded by ``link.io_timeout_ms`` (see :class:`_SocketModule`)."""
+    from umqtt import simple
+
+    setattr(simple, "socket", _SocketModule(link))  # umqtt's sockets become bounded
+
+    def make(client_id, host, port, user, password, keepalive):
+        return simple.MQTTClient(client_id, host, port, user, password, keepalive)
+
+    return make

@@ -1,0 +1,125 @@
+"""Between the control loop and the MQTT link: hands received ``set`` and
+``cmd`` messages to the charger, and decides when to publish the state.
+
+Runs on the control loop's side, once per tick, and never blocks: it only
+touches the link's mailbox (:meth:`firmware.mqtt_link.MqttLink.take`,
+:meth:`~firmware.mqtt_link.MqttLink.offer_state`).
+
+State message (``<prefix>/<id>/state``, DESIGN.md §4), published on every
+change of what the server budgets with (state, pilot, limit, acknowledged
+setpoint, fault, contactor, offline/start current, a measured-current change
+of 0.5 A or more), at most every 250 ms, and at least every 5 s::
+
+    {"v": 1, "seq": 118, "uptime_s": 3605, "state": "C", "pilot_a": 20,
+     "measured_a": 19.8, "limit_by": "setpoint", "ack_seq": 42, "ack_epoch": 7,
+     "offline_a": 8, "start_a": 8, "t_wd_s": 30, "session_wh": 5230,
+     "temp_c": 41.5, "fault": null, "relay": true, "fw": "0.3.0"}
+
+``ack_epoch`` and ``relay`` extend the contract compatibly: ``relay`` lets the
+server see the contactor open before it frees a faulted member's budget.
+"""
+import json
+
+MIN_GAP_MS = 250
+"""Shortest time between two state messages, ms."""
+MAX_GAP_MS = 5000
+"""Longest time between two state messages, ms (DESIGN.md §4: at least every 5 s)."""
+
+COMMANDS = ("reset_fault", "config", "reboot")
+REMOTE_CONFIG = ("t_wd_s",)
+"""Settings the server may change with ``cmd: config``. The unit rating and
+the installer max are local only: no message from the network may raise them."""
+
+
+class Uplink:
+    """Wires one :class:`firmware.app.Charger` to one link.
+
+    ``link`` offers ``take()`` and ``offer_state(payload)``; ``fw`` is the
+    firmware version string; ``reboot`` (optional) is called for ``cmd:
+    reboot`` after the board has been made safe.
+    """
+
+    def __init__(self, charger, link, fw, reboot=None):
+        self.charger = charger
+        self.link = link
+        self.fw = fw
+        self.reboot = reboot
+        self.seq = 0
+        self.commands_refused = 0
+        self._last_key = None
+        self._last_measured = 0.0
+        self._last_sent = None
+
+    def poll(self):
+        """Deliver waiting messages, then publish the state when due."""
+        for kind, payload in self.link.take():
+            if kind == "set":
+                self.charger.on_setpoint(payload)
+            else:
+                self.command(payload)
+        self._report()
+
+    def command(self, payload):
+        """Carry out a ``cmd`` message (bytes). Returns True when done; a bad
+        or unknown command is logged and changes nothing."""
+        c = self.charger
+        try:
+            try:
+                msg = json.loads(payload)
+            except (ValueError, UnicodeError):
+                raise ValueError("command is not JSON")
+            if type(msg) is not dict or msg.get("v") != 1 or msg.get("cmd") not in COMMANDS:
+                raise ValueError("unknown command %r" % (msg.get("cmd") if type(msg) is dict else msg,))
+            cmd = msg["cmd"]
+            if cmd == "reset_fault":
+                if not c.reset_fault():
+                    raise ValueError("fault not clearable yet")
+            elif cmd == "config":
+                changes = msg.get("settings")
+                if type(changes) is not dict or not changes:
+                    raise ValueError("config needs a non-empty settings object")
+                for name in changes:
+                    if name not in REMOTE_CONFIG:
+                        raise ValueError("%s cannot be changed remotely" % name)
+                c.settings.update(changes)
+            elif cmd == "reboot":
+                c.hal.safe_state()
+                if self.reboot:
+                    self.reboot()
+        except (ValueError, OSError) as exc:
+            self.commands_refused += 1
+            c.log("command refused: %s" % exc)
+            return False
+        c.log("command %s done" % cmd)
+        return True
+
+    def _report(self):
+        c = self.charger
+        now = c.clock.ticks_ms()
+        if self._last_sent is not None:
+            gap = c.clock.ticks_diff(now, self._last_sent)
+            if gap < MIN_GAP_MS:
+                return
+        else:
+            gap = MAX_GAP_MS
+        st = c.status()
+        key = (st["state"], st["pilot_a"], st["limit_by"], st["ack_seq"], st["fault"],
+               st["relay"], st["offline_a"], st["start_a"])
+        moved = abs(st["measured_a"] - self._last_measured) >= 0.5
+        if key == self._last_key and not moved and gap < MAX_GAP_MS:
+            return
+        self.seq += 1
+        msg = {
+            "v": 1, "seq": self.seq, "uptime_s": c.uptime_s, "state": st["state"],
+            "pilot_a": st["pilot_a"], "measured_a": round(st["measured_a"], 1),
+            "limit_by": st["limit_by"], "ack_seq": st["ack_seq"], "ack_epoch": st["epoch"],
+            "offline_a": st["offline_a"], "start_a": st["start_a"], "t_wd_s": st["t_wd_s"],
+            "session_wh": c.session_wh(), "temp_c": c.hal.temp_c(), "fault": st["fault"],
+            "relay": st["relay"], "fw": self.fw,
+        }
+        if self.link.offer_state(json.dumps(msg).encode()):
+            self._last_key = key
+            self._last_measured = st["measured_a"]
+            self._last_sent = now
+        else:
+            self.seq -= 1

@@ -1,0 +1,1 @@
+"""Load-group server: SQLite storage, installer CLI and the MQTT service."""

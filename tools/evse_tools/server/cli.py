@@ -1,0 +1,203 @@
+"""``evse-server``: the installer's command line for load groups, and the MQTT service.
+
+Examples::
+
+    evse-server group create garage --breaker 50          # limit 40 A (80 %, NEC 625.41)
+    evse-server member add garage bay-1 --rating 40
+    evse-server group show garage
+    evse-server run --broker localhost:1883
+
+The database is ``--db PATH``, else ``$EVSE_SERVER_DB``, else ``evse-server.db`` in
+the current directory. Refused operations print ``error: ...`` on stderr and exit
+with status 1; malformed arguments exit with argparse's status 2.
+"""
+import argparse
+import os
+import sqlite3
+import sys
+
+from evse_tools.server.db import GroupStore, StoreError, max_limit
+
+DEFAULT_DB = "evse-server.db"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse without prefix abbreviations (``--d`` must not mean ``--db``)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+
+def _broker(text):
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = text, "1883"
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError("expected HOST:PORT, got %r" % text)
+    return host, int(port)
+
+
+def build_parser():
+    p = _Parser(prog="evse-server", description="Load-group server for load-sharing EV chargers.")
+    p.add_argument("--db", default=os.environ.get("EVSE_SERVER_DB") or DEFAULT_DB,
+                   help="SQLite database (default: $EVSE_SERVER_DB or ./%s)" % DEFAULT_DB)
+    top = p.add_subparsers(dest="area", required=True, metavar="{group,member,run}",
+                           parser_class=_Parser)
+
+    group = top.add_parser("group", help="create, list, show, change and delete load groups")
+    g = group.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    c = g.add_parser("create", help="create a group; the limit defaults to the seed chart")
+    c.add_argument("name")
+    c.add_argument("--breaker", type=int, required=True, metavar="A", help="breaker rating, A")
+    c.add_argument("--limit", type=int, metavar="A",
+                   help="group limit, A (default: 20->16, 30->24, 40->32, 50->40, 100->75, "
+                        "else 80 %% of the breaker)")
+    c.add_argument("--fair-offline", action="store_true",
+                   help="offline current floor(limit / members) instead of 8 A")
+    c.add_argument("--t-wd", type=int, default=30, metavar="S",
+                   help="connectivity-watchdog timeout, s (10..600, default 30)")
+    g.add_parser("list", help="list groups")
+    for name, text in (("show", "show a group and its members"),
+                       ("delete", "delete a group and its members")):
+        g.add_parser(name, help=text).add_argument("name")
+    b = g.add_parser("set-breaker", help="change the breaker; the limit follows the chart")
+    b.add_argument("name")
+    b.add_argument("breaker", type=int, metavar="A")
+    b.add_argument("--limit", type=int, metavar="A", help="group limit, A (default: chart)")
+    lim = g.add_parser("set-limit", help="change the group limit (at most 80 %% of the breaker)")
+    lim.add_argument("name")
+    lim.add_argument("limit", type=int, metavar="A")
+    f = g.add_parser("set-fair-offline", help="turn the fair offline fallback on or off")
+    f.add_argument("name")
+    f.add_argument("state", choices=("on", "off"))
+
+    member = top.add_parser("member", help="add and remove chargers")
+    m = member.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    a = m.add_parser("add", help="add a charger to a group")
+    a.add_argument("group")
+    a.add_argument("id")
+    a.add_argument("--rating", type=float, required=True, metavar="A",
+                   help="the charger's unit rating, A (6..80)")
+    m.add_parser("remove", help="remove a charger from its group").add_argument("id")
+
+    r = top.add_parser("run", help="run the MQTT load-group service")
+    r.add_argument("--broker", type=_broker, default=("localhost", 1883), metavar="HOST:PORT",
+                   help="MQTT broker (default localhost:1883)")
+    r.add_argument("--prefix", default="evse", help="charger topic prefix (default evse)")
+    r.add_argument("--username", help="broker user name")
+    r.add_argument("--password", help="broker password")
+    r.add_argument("--tls", action="store_true", help="connect with TLS")
+    r.add_argument("--cafile", help="CA certificate for TLS")
+    r.add_argument("--group", action="append", metavar="NAME",
+                   help="serve only this group (repeatable; default: all)")
+    return p
+
+
+def _num(x):
+    return "-" if x is None else "%g" % x
+
+
+def _table(rows, out):
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        out.write("  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip() + "\n")
+
+
+def _show_list(store, out):
+    groups = store.list_groups()
+    if not groups:
+        out.write("no groups\n")
+        return
+    rows = [("NAME", "BREAKER", "LIMIT", "MEMBERS", "OFFLINE", "T_WD")]
+    for gr in groups:
+        rows.append((gr.name, "%d A" % gr.breaker_a, "%d A" % gr.limit_a, str(len(gr.members)),
+                     "fair" if gr.fair_offline else "8 A", "%d s" % gr.t_wd_s))
+    _table(rows, out)
+
+
+def _show_group(gr, out):
+    out.write("group %s\n" % gr.name)
+    out.write("  breaker   %d A\n" % gr.breaker_a)
+    out.write("  limit     %d A (max %d A: 80 %% of the breaker, NEC 625.41)\n"
+              % (gr.limit_a, max_limit(gr.breaker_a)))
+    out.write("  offline   %s\n" % ("fair: floor(limit / members), capped at the unit rating"
+                                    if gr.fair_offline else "8 A per member (seed default)"))
+    out.write("  watchdog  %d s\n" % gr.t_wd_s)
+    if not gr.members:
+        out.write("  no members\n")
+        return
+    out.write("members:\n")
+    rows = [("ID", "RATING A", "OFFLINE A", "START A", "SETPOINT A", "SEQ", "EPOCH")]
+    for mb in gr.members:
+        rows.append((mb.id, _num(mb.unit_rating_a), _num(mb.offline_a), _num(mb.start_a),
+                     _num(mb.last_setpoint_a), _num(mb.last_seq), _num(mb.last_epoch)))
+    _table(rows, out)
+
+
+def _dispatch(args, store, out):
+    if args.area == "run":
+        try:
+            from evse_tools.server import service
+        except ImportError as exc:
+            raise StoreError("the MQTT service cannot be loaded: %s" % exc) from exc
+        return service.run(store, args)
+    if args.area == "member":
+        if args.action == "add":
+            mb = store.add_member(args.group, args.id, args.rating)
+            out.write("added charger %s (%g A) to group %s\n" % (mb.id, mb.unit_rating_a, mb.group))
+        else:
+            store.remove_member(args.id)
+            out.write("removed charger %s\n" % args.id)
+        return 0
+    act = args.action
+    if act == "list":
+        _show_list(store, out)
+    elif act == "show":
+        _show_group(store.get_group(args.name), out)
+    elif act == "create":
+        gr = store.create_group(args.name, args.breaker, args.limit, args.fair_offline, args.t_wd)
+        out.write("created group %s: breaker %d A, limit %d A\n" % (gr.name, gr.breaker_a, gr.limit_a))
+    elif act == "delete":
+        n = len(store.get_group(args.name).members)
+        store.delete_group(args.name)
+        out.write("deleted group %s and its %d member(s)\n" % (args.name, n))
+    elif act == "set-breaker":
+        gr = store.set_breaker(args.name, args.breaker, args.limit)
+        out.write("group %s: breaker %d A, limit %d A\n" % (gr.name, gr.breaker_a, gr.limit_a))
+    elif act == "set-limit":
+        gr = store.set_limit(args.name, args.limit)
+        out.write("group %s: limit %d A\n" % (gr.name, gr.limit_a))
+    elif act == "set-fair-offline":
+        gr = store.set_fair_offline(args.name, args.state == "on")
+        out.write("group %s: fair offline %s\n" % (gr.name, "on" if gr.fair_offline else "off"))
+    return 0
+
+
+def main(argv=None) -> int:
+    """Run the command line; returns the exit status (0 ok, 1 refused, 2 bad arguments)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # argparse: --help (0) or malformed arguments (2)
+        return exc.code if isinstance(exc.code, int) else 2
+    try:
+        store = GroupStore(args.db)
+    except (sqlite3.Error, OSError, StoreError) as exc:
+        print("error: cannot open the database %s: %s" % (args.db, exc), file=sys.stderr)
+        return 1
+    try:
+        return _dispatch(args, store, sys.stdout)
+    except StoreError as exc:
+        print("error: %s" % exc, file=sys.stderr)
+        return 1
+    except sqlite3.Error as exc:
+        print("error: database %s: %s" % (args.db, exc), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        store.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
