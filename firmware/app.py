@@ -78,7 +78,11 @@ class Charger:
         return True
 
     def reset_fault(self):
-        """Clear a latched fault (after its 300 ms in state F). Returns True when cleared."""
+        """Clear a latched fault (after its 300 ms in state F). Returns True when
+        no fault remains. Without a fault it touches nothing: a running session
+        must not be restarted by a stray reset."""
+        if self.evse.fault is None:
+            return True
         if self.evse.clear_fault(self.clock.ticks_ms()):
             self.reader = PilotReader()
             return True

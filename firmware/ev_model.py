@@ -16,6 +16,12 @@ VOLTS = 240
 """Nominal single-phase supply, V (North American Level 2)."""
 
 
+def _check(name, value, lo, hi):
+    # bool is an int on CPython but not on MicroPython: reject it on both.
+    if type(value) not in (int, float) or not lo <= value <= hi:
+        raise ValueError("%s must be a number %s..%s, got %r" % (name, lo, hi, value))
+
+
 class SimEv:
     """One EV. Parameters: ``max_a`` onboard-charger maximum (A), ``battery_wh``
     usable capacity (Wh), ``soc`` state of charge 0..1, ``delay_ms`` response
@@ -28,10 +34,15 @@ class SimEv:
 
     def __init__(self, max_a=32, battery_wh=75000, soc=0.2, delay_ms=2000,
                  taper_soc=0.8, diode=True, name="ev"):
-        if not 1000 <= delay_ms <= 5000:
-            raise ValueError("delay_ms must be 1000..5000, got %r" % (delay_ms,))
-        if not 0 <= soc <= 1:
-            raise ValueError("soc must be 0..1, got %r" % (soc,))
+        _check("max_a", max_a, 1, 80)
+        _check("battery_wh", battery_wh, 1000, 500000)
+        _check("soc", soc, 0, 1)
+        _check("delay_ms", delay_ms, 1000, 5000)
+        _check("taper_soc", taper_soc, 0.05, 0.99)
+        if type(diode) is not bool:
+            raise ValueError("diode must be true or false")
+        if type(name) is not str or not 0 < len(name) <= 32:
+            raise ValueError("name must be a string of 1..32 characters")
         self.max_a = max_a
         self.battery_wh = battery_wh
         self.soc = soc

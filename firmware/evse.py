@@ -64,6 +64,7 @@ class Evse:
         self.session_started = False
         self.session_ended = False
         self._fault_at = 0
+        self._fault_held = False
         self._pwm_off_at = None   # tick when PWM stopped while the contactor was closed
 
     def trip(self, code, now):
@@ -71,6 +72,7 @@ class Evse:
         if self.fault is None:
             self.fault = code
             self._fault_at = now
+            self._fault_held = False
         self.relay = False
         self.pilot = PILOT_LOW
         self.duty = 0
@@ -81,12 +83,20 @@ class Evse:
         when cleared; the pilot is then re-read from scratch."""
         if self.fault is None:
             return True
-        if self.clock.ticks_diff(now, self._fault_at) < FAULT_HOLD_MS:
+        if not self._held(now):
             return False
         self.fault = None
         self.state = None
         self.pilot = PILOT_HIGH
         return True
+
+    def _held(self, now):
+        # Latched, so that a fault older than 2^29 ms (negative ticks_diff)
+        # can still be cleared (C6).
+        if not self._fault_held:
+            age = self.clock.ticks_diff(now, self._fault_at)
+            self._fault_held = age < 0 or age >= FAULT_HOLD_MS
+        return self._fault_held
 
     def edge(self, state, now):
         """Take the accepted pilot ``state`` (``A``..``F``, ``?`` or None) of this
@@ -117,6 +127,7 @@ class Evse:
             self.pilot = PILOT_LOW
             self.duty = 0
             self.offer_a = 0
+            self._held(now)
             return
         state = self.state
         duty = _pilot.duty_u16(amps) if state in _CONNECTED else 0

@@ -136,10 +136,10 @@ class UdpControl:
       (hand a ``set`` message to the firmware, as the MQTT link would),
       ``{"cmd": "quit"}``.
 
-    Every reply and telemetry datagram is a JSON object; errors come back as
-    ``{"error": "..."}``. Telemetry (``{"t_ms": ..., "state": ..., ...}``, the
-    fields of :meth:`firmware.app.Charger.status` plus ``soc`` and
-    ``energy_wh``) is sent on every change of state, pilot, relay or limit,
+    Every command is answered: ``{"ok": true}`` (``{"ok": false}`` for a
+    refused setpoint) or ``{"error": "..."}``; a bad command changes nothing. Telemetry (``{"t_ms": ..., "state": ..., ...}``, the
+    fields of :meth:`firmware.app.Charger.status` plus ``t_ms``, ``ev``,
+    ``soc`` and ``energy_wh``) is sent on every change of state, pilot, relay or limit,
     and of the measured current (0.1 A), and at least every ``period_ms``.
     """
 
@@ -182,9 +182,11 @@ class UdpControl:
             pass
 
     def _handle(self, data, addr):
-        from firmware.ev_model import SimEv
+        from firmware.ev_model import SimEv, _check
         try:
             msg = json.loads(data)
+            if type(msg) is not dict:
+                raise ValueError("a command is a JSON object")
             cmd = msg["cmd"]
             b = self.board
             if cmd == "watch":
@@ -192,16 +194,24 @@ class UdpControl:
                     self._watchers.append(addr)
                 self._last_key = None
             elif cmd == "plug":
-                b.plug(SimEv(**msg.get("ev", {})))
+                ev = msg.get("ev", {})
+                if type(ev) is not dict:
+                    raise ValueError("ev must be an object")
+                b.plug(SimEv(**ev))
             elif cmd == "unplug":
                 b.unplug()
             elif cmd == "soc":
-                b.ev.soc = float(msg["soc"])
+                _check("soc", msg["soc"], 0, 1)
+                b.ev.soc = msg["soc"]
             elif cmd == "wants":
-                b.ev.wants = bool(msg["wants"])
+                if type(msg["wants"]) is not bool:
+                    raise ValueError("wants must be true or false")
+                b.ev.wants = msg["wants"]
             elif cmd == "glitch":
+                _check("mv", msg["mv"], -20000, 20000)
                 b.glitch_mv = int(msg["mv"])
             elif cmd == "temp":
+                _check("c", msg["c"], -40, 150)
                 b.temp = float(msg["c"])
             elif cmd == "setpoint":
                 p = msg["payload"]

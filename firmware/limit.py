@@ -51,7 +51,7 @@ class LimitArbiter:
         self.last_error = None
         self._setpoint_a = None   # None: no allocation yet in this session (C2)
         self._lease_from = now
-        self._fed = False
+        self._expired = False     # latched: see online()
 
     # -- inputs ---------------------------------------------------------------
 
@@ -62,15 +62,18 @@ class LimitArbiter:
         stores any new ``offline_a``/``start_a`` (C5: written only on change)
         and renews the watchdog lease (C4). Returns True.
 
-        A malformed, non-finite, negative, wrongly typed or stale message (a
-        ``seq`` not newer than the last applied in the same ``epoch``) changes
-        nothing, does not feed the watchdog, and raises ValueError saying why.
+        A malformed, non-finite, negative, wrongly typed or stale message (an
+        ``epoch`` older than the current one, or a ``seq`` not newer than the
+        last applied in the same ``epoch``: epochs only grow, a new one means
+        the server restarted) changes nothing, does not feed the watchdog, and raises ValueError saying why.
         Raises OSError if the new offline/start current could not be written;
         the setpoint and the new values are in force all the same (a decrease
         must never wait on flash).
         """
         try:
             sp = _setpoint.parse(payload)
+            if self.epoch is not None and sp.epoch < self.epoch:
+                raise ValueError("stale epoch %d (current %d)" % (sp.epoch, self.epoch))
             if sp.epoch == self.epoch and self.ack_seq is not None and sp.seq <= self.ack_seq:
                 raise ValueError("stale seq %d (last applied %d in epoch %d)"
                                  % (sp.seq, self.ack_seq, sp.epoch))
@@ -82,7 +85,7 @@ class LimitArbiter:
         self.ack_seq = sp.seq
         self._setpoint_a = sp.current_a
         self._lease_from = now
-        self._fed = True
+        self._expired = False
         changes = {}
         if sp.offline_a is not None:
             changes["offline_a"] = sp.offline_a
@@ -105,8 +108,17 @@ class LimitArbiter:
 
     def online(self, now):
         """True while the watchdog lease holds: ``T_wd`` has not yet passed since
-        the last valid setpoint (or boot). At exactly ``T_wd`` it has expired."""
-        return self.lease_age_ms(now) < self.settings["t_wd_s"] * 1000
+        the last valid setpoint (or boot). At exactly ``T_wd`` it has expired.
+
+        Expiry is latched until the next valid setpoint: ``ticks_diff`` turns
+        negative after 2^29 ms, and a lease must not come back to life then
+        (C6). The control loop asks every tick, so the latch is always set
+        long before that."""
+        if not self._expired:
+            age = self.lease_age_ms(now)
+            if age < 0 or age >= self.settings["t_wd_s"] * 1000:
+                self._expired = True
+        return not self._expired
 
     def limit(self, now):
         """Return ``(amps, reason)`` in force at tick ``now``.

@@ -14,7 +14,6 @@ except ImportError:  # CPython
 # 32-bit floats of the ESP32 can never round a duty above its ideal value.
 _MIN_DA = const(60)      # 6 A: J1772 minimum offer
 _MAX_DA = const(800)     # 80 A: top of the J1772 duty range
-_KNEE_DA = const(510)    # 51 A: last current of the A / 0.6 range
 _U16 = const(65535)
 
 MIN_A = 6
@@ -39,7 +38,7 @@ def duty_u16(amps):
         da = int(amps * 10)
     else:
         return 0
-    if da <= _KNEE_DA:
+    if amps <= 51:   # the range follows the amps, not the truncated value
         return da * _U16 // 600
     return (da + 1600) * _U16 // 2500
 
@@ -116,8 +115,11 @@ _TOP_MV = const(13500)    # above: impossible level
 _HYST_MV = const(200)
 _DIODE_MV = const(-10800)  # low level at or below: diode present (J1772 -12 +/- 0.6 V, margin)
 DEBOUNCE = 3
-"""Consecutive samples needed to accept a new state (C10). At a 10 ms control
-tick a real transition is accepted after 30 ms, inside the 100 ms of C7."""
+"""Samples out of the last :data:`WINDOW` that must agree on a new state
+before it is accepted (C10). At a 10 ms control tick a clean transition is
+accepted after 30 ms, inside the 100 ms of C7; a noisy one, with single
+outliers in between, still within 50 ms."""
+WINDOW = 5
 
 INVALID = "?"
 """Classification of a level that lies in no state window (a fault, not a state)."""
@@ -150,9 +152,11 @@ def classify(high_mv, prev=None):
 class PilotReader:
     """Debounced pilot state and diode check, fed one burst reading per control tick.
 
-    ``state`` is ``None`` until :data:`DEBOUNCE` agreeing samples have been seen,
-    then one of ``A``..``F`` or :data:`INVALID`. A single deviating sample never
-    changes it (C10). ``diode_ok`` is True once :data:`DEBOUNCE` consecutive
+    ``state`` is ``None`` until :data:`DEBOUNCE` of the last :data:`WINDOW`
+    samples agree, then one of ``A``..``F`` or :data:`INVALID`; it changes when
+    :data:`DEBOUNCE` of the last :data:`WINDOW` samples agree on another one. A
+    single deviating sample never changes it, and isolated outliers cannot hold
+    off a real transition (C10). ``diode_ok`` is True once :data:`DEBOUNCE` consecutive
     samples taken while PWM runs show a low level at or below -10.8 V
     (J1772 diode check); it is False while no PWM runs.
     """
@@ -162,8 +166,8 @@ class PilotReader:
         self.diode_ok = False
         self.high_mv = 0
         self.low_mv = 0
-        self._cand = None
-        self._count = 0
+        self._recent = [None] * WINDOW
+        self._pos = 0
         self._diode_count = 0
 
     def update(self, high_mv, low_mv, pwm_on):
@@ -172,18 +176,11 @@ class PilotReader:
         self.high_mv = high_mv
         self.low_mv = low_mv
         cand = classify(high_mv, self.state)
-        if cand == self.state:
-            self._cand = None
-            self._count = 0
-        elif cand == self._cand:
-            self._count += 1
-            if self._count >= DEBOUNCE:
-                self.state = cand
-                self._cand = None
-                self._count = 0
-        else:
-            self._cand = cand
-            self._count = 1
+        recent = self._recent
+        recent[self._pos] = cand
+        self._pos = (self._pos + 1) % WINDOW
+        if cand != self.state and recent.count(cand) >= DEBOUNCE:
+            self.state = cand
         if pwm_on and low_mv <= _DIODE_MV:
             if self._diode_count < DEBOUNCE:
                 self._diode_count += 1

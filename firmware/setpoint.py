@@ -4,7 +4,8 @@ Pure logic. Every malformed, non-finite, negative or wrongly typed message is
 refused with ValueError and a message that says why; the caller logs it and
 changes nothing (in particular it does not feed the connectivity watchdog).
 
-Accepted payload (UTF-8 JSON object, at most 512 bytes)::
+Accepted payload (ASCII JSON object, at most 512 bytes, numbers without
+exponent and with at most 2 decimals)::
 
     {"v": 1, "epoch": 7, "seq": 42, "current_a": 16,
      "offline_a": 8, "start_a": 8}           # the last two are optional
@@ -14,10 +15,14 @@ clamped and values below 6 A mean pause, both by the limit arbiter.
 ``offline_a`` and ``start_a`` are 0 or 6..80 A. ``epoch`` and ``seq`` are
 integers >= 0.
 """
-import json
+from firmware import strictjson
 
 MAX_PAYLOAD = 512
 """Largest accepted payload, bytes. A real setpoint is under 120 bytes."""
+
+MAX_DECIMALS = 2
+"""Numbers are plain decimals with at most 2 decimals and no exponent, so that
+the ESP32's 32-bit floats cannot round 5.99999999 A up to 6 A."""
 
 _INF = float("inf")
 
@@ -64,22 +69,16 @@ def _count(obj, name):
 def parse(payload):
     """Validate ``payload`` (bytes or str) and return a :class:`Setpoint`.
 
-    Raises ValueError for: a payload over 512 bytes, invalid UTF-8, invalid
-    JSON, anything but an object, ``v`` other than 1, a missing or non-integer
+    Raises ValueError for: a payload over 512 bytes, non-ASCII bytes, anything
+    that is not strict JSON (:mod:`firmware.strictjson`, the same verdict on
+    MicroPython and CPython), a number with an exponent or more than 2
+    decimals, anything but an object, ``v`` other than 1, a missing or non-integer
     ``epoch``/``seq``, a missing, non-numeric, non-finite or negative
     ``current_a``, and ``offline_a``/``start_a`` outside 0 or 6..80 A.
     """
     if len(payload) > MAX_PAYLOAD:
         raise ValueError("payload of %d bytes exceeds %d" % (len(payload), MAX_PAYLOAD))
-    if type(payload) is not str:
-        try:
-            payload = payload.decode("utf-8")
-        except UnicodeError:
-            raise ValueError("payload is not UTF-8")
-    try:
-        obj = json.loads(payload)
-    except ValueError:
-        raise ValueError("payload is not JSON")
+    obj = strictjson.loads(payload, MAX_DECIMALS)
     if type(obj) is not dict:
         raise ValueError("payload is not a JSON object")
     if obj.get("v") != 1 or type(obj.get("v")) is not int:

@@ -12,7 +12,10 @@ limit of the smallest common circuit, 20 A x 80 %), never the unit's rating.
 """
 import json
 
-from firmware import store
+from firmware import store, strictjson
+
+MAX_FILE = 8192
+"""Largest settings or secrets file read, bytes; a longer one is corrupt."""
 
 _ID_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789-"
 _TOPIC_CHARS = _ID_CHARS + "_/"
@@ -102,19 +105,20 @@ class Store:
         self.schema = schema
         self.fs = fs
         self.problems = []
+        self.unsaved = False
         self.values = self._load()
 
     def _load(self):
         values = {}
         for name in self.schema:
             values[name] = self.schema[name][0]
-        text = store.read_text(self.path, self.fs)
+        text = store.read_text(self.path, self.fs, MAX_FILE + 1)
         if text is None:
             self.problems.append("%s missing: defaults in force" % self.path)
             return values
         try:
-            data = json.loads(text)
-        except ValueError:
+            data = strictjson.loads(text) if len(text) <= MAX_FILE else None
+        except Exception:  # ValueError, and MemoryError on a small heap: all mean corrupt
             data = None
         if type(data) is not dict:
             self.problems.append("%s corrupt: defaults in force" % self.path)
@@ -141,7 +145,8 @@ class Store:
         """Validate every item of ``changes`` (dict), then apply them all and
         persist once, only if a value differs. All or nothing: a bad item raises
         ValueError and nothing is applied. Returns True when the file was written.
-        Raises OSError when the write fails; the stored values are then unchanged."""
+        Raises OSError when the write fails: the new values are in force all the
+        same, ``unsaved`` is True, and the next update writes them again."""
         checked = {}
         for name in changes:
             checked[name] = self.check(name, changes[name])
@@ -151,10 +156,14 @@ class Store:
             if new[name] != checked[name]:
                 new[name] = checked[name]
                 changed = True
-        if not changed:
+        if not changed and not self.unsaved:
             return False
-        store.write_atomic(self.path, json.dumps(new), self.fs)
+        # In force at once, even if the flash write fails below: a lower
+        # offline current from the server must never wait on flash.
         self.values = new
+        self.unsaved = True
+        store.write_atomic(self.path, json.dumps(new), self.fs)
+        self.unsaved = False
         return True
 
     def set(self, name, value):

@@ -92,7 +92,10 @@ def sim(argv):
     from firmware.hal_sim import SimBoard, UdpControl
 
     directory = _arg(argv, "--dir", ".")
-    port = int(_arg(argv, "--ctl-port", "7700"))
+    try:
+        port = int(_arg(argv, "--ctl-port", "7700"))
+    except ValueError:
+        raise SystemExit("error: --ctl-port must be a port number")
     board = SimBoard(time)
     cfg, secrets = settings.load(directory)
 
@@ -100,7 +103,10 @@ def sim(argv):
         print("[%s] %s" % (cfg["charger_id"], text))
 
     charger = app.Charger(board, time, cfg, log)
-    control = UdpControl(board, charger, port)
+    try:
+        control = UdpControl(board, charger, port)
+    except OSError as exc:
+        raise SystemExit("error: cannot listen on udp 127.0.0.1:%d: %s" % (port, exc))
     log("simulated board on udp 127.0.0.1:%d, firmware %s" % (port, FW))
 
     def reboot():

@@ -47,15 +47,16 @@ def write_atomic(path, text, fs=FS):
     fs.rename(tmp, path)
 
 
-def read_text(path, fs=FS):
-    """Return the text of ``path``, or None when it is missing or unreadable."""
+def read_text(path, fs=FS, limit=None):
+    """Return the text of ``path`` (at most ``limit`` characters when given),
+    or None when it is missing or unreadable."""
     try:
         f = fs.open(path, "r")
     except OSError:
         return None
     try:
-        return f.read()
-    except (OSError, UnicodeError):
+        return f.read() if limit is None else f.read(limit)
+    except (OSError, UnicodeError, MemoryError):
         return None
     finally:
         f.close()

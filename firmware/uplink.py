@@ -20,6 +20,8 @@ server see the contactor open before it frees a faulted member's budget.
 """
 import json
 
+from firmware import strictjson
+
 MIN_GAP_MS = 250
 """Shortest time between two state messages, ms."""
 MAX_GAP_MS = 5000
@@ -64,16 +66,15 @@ class Uplink:
         or unknown command is logged and changes nothing."""
         c = self.charger
         try:
-            try:
-                msg = json.loads(payload)
-            except (ValueError, UnicodeError):
-                raise ValueError("command is not JSON")
+            if len(payload) > 1024:
+                raise ValueError("command longer than 1024 bytes")
+            msg = strictjson.loads(payload)
             if type(msg) is not dict or msg.get("v") != 1 or msg.get("cmd") not in COMMANDS:
                 raise ValueError("unknown command %r" % (msg.get("cmd") if type(msg) is dict else msg,))
             cmd = msg["cmd"]
             if cmd == "reset_fault":
                 if not c.reset_fault():
-                    raise ValueError("fault not clearable yet")
+                    raise ValueError("fault held less than 300 ms: not cleared yet")
             elif cmd == "config":
                 changes = msg.get("settings")
                 if type(changes) is not dict or not changes:

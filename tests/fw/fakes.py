@@ -60,8 +60,9 @@ class _CutFile:
         self.fs.files[self.path] += text[half:]
         return len(text)
 
-    def read(self):
-        return self.fs.files[self.path]
+    def read(self, n=-1):
+        text = self.fs.files[self.path]
+        return text if n is None or n < 0 else text[:n]
 
     def close(self):
         if "w" in self.mode:

@@ -123,6 +123,46 @@ def test_single_noisy_pilot_sample_does_not_open_relay():
         assert c.evse.state == "C" and c.evse.fault is None
 
 
+def test_glitch_on_every_third_sample_cannot_hold_off_an_unplug():
+    # Found by review: with 3-in-a-row debounce, one outlier every third tick
+    # kept the contactor closed after an unplug. 3 of 5 must win.
+    c, board, clock, car = charging()
+    board.unplug()
+    t0 = clock.ticks_ms()
+    n = 0
+    while board.relay:
+        n += 1
+        if n % 3 == 0:
+            board.glitch_mv = 6000            # looks like the old state C
+        c.tick()
+        clock.advance(10)
+        assert clock.ticks_diff(clock.ticks_ms(), t0) <= 100
+    assert c.evse.state == "A"
+
+
+def test_reset_fault_without_a_fault_leaves_the_session_alone():
+    c, board, clock, car = charging()
+    before = len(c.events)
+    assert c.reset_fault()
+    run_ms(c, clock, 50)
+    assert board.relay and board.duty == pilot.duty_u16(32) and c.limit_by == "setpoint"
+    assert len(c.events) == before       # no session end, no contactor opening
+
+
+def test_fault_older_than_2_29_ms_can_still_be_reset():
+    c, board, clock, car = charging()
+    for _ in range(3):
+        board.glitch_mv = 0
+        c.tick()
+        clock.advance(10)
+    assert c.evse.fault
+    board.unplug()
+    for _ in range(40):
+        c.tick()
+        clock.advance(1 << 25)                 # 40 x 2^25 ms: past 2^30 in all
+    assert c.reset_fault()
+
+
 def test_boot_with_car_already_in_c_offers_8a_and_latches_no_fault():
     c, board, clock = make_charger()
     car = ev(max_a=40)

@@ -22,6 +22,25 @@ BAD_PAYLOADS = (
     b'{"v": 1, "epoch": 1, "seq": 9, "current_a": 32, "offline_a": 3}',
     b'{"v": 1, "epoch": 1, "seq": 9, "current_a": 32, "start_a": 100}',
     b'[1, 2]',
+    # MicroPython's json.loads takes these; the strict checker must refuse them
+    # on both runtimes (found by review: they fed the watchdog on the device).
+    b'{"v", 1, "epoch", 1, "seq", 9, "current_a", 32}',
+    b'{"v": 1 "epoch": 1 "seq": 9 "current_a": 32}',
+    b'{"v": 1, "epoch": 1, "seq": 9, "current_a": 32,}',
+    b'{"v": 1, "epoch": 1, "seq": 9, "current_a": 032}',
+    b'{"v": 1, "epoch": 1, "seq": 9, "current_a": 32 99}',
+    b'{"v": 1, "epoch": 1, "seq": 9, "current_a": 32}\x00',
+    b'{"v": 1, "epoch": 1, "seq": 9, "current_a": 32, "x": "\\q"}',
+    b'{"v": 1, "epoch": 1, "seq": 9, "current_a": 32, "x": "\xc0\xaf"}',
+    b'{"v": 1, "epoch": 1, "seq": 9, "current_a": 32, "x": "\xed\xa0\x80"}',
+    b'{"v": 1, "epoch": 1, "seq": 9, "current_a": 32}{}',
+    b'{"v": 1, "epoch": 1, "seq": 9, "current_a": 5.99999999}',
+    b'{"v": 1, "epoch": 1, "seq": 9, "current_a": 32e0}',
+    b'{"v": 1, "epoch": 1, "seq": 9, "current_a": 3.2E1}',
+    b'{"v": 1, "epoch": 1, "seq": 9, "current_a": .5}',
+    b'{"v": 1, "epoch": 1, "seq": 9, "current_a": 32.}',
+    b'{"v": 1, "epoch": 1, "seq": 9, "current_a": +32}',
+    b'{"v": 1, "epoch": 1, "seq": 9, "current_a": 32, "n": [[[[[1]]]]]}',
 )
 
 
@@ -69,7 +88,7 @@ def test_setpoint_above_unit_rating_is_clamped_to_the_unit():
     a.offer(setpoint(1, 48), clock.ticks_ms())
     assert a.limit(clock.ticks_ms()) == (32, "unit")
     b, clock = arbiter({"unit_rating_a": 40, "installer_max_a": 24})
-    b.offer(setpoint(1, 1e300), clock.ticks_ms())
+    b.offer(setpoint(1, 1000000), clock.ticks_ms())
     assert b.limit(clock.ticks_ms()) == (24, "unit")
 
 
@@ -80,6 +99,45 @@ def test_setpoints_0_3_and_5_9_pause():
         assert a.limit(clock.ticks_ms()) == (0, "pause"), amps
     a.offer(setpoint(4, 6), clock.ticks_ms())
     assert a.limit(clock.ticks_ms()) == (6, "setpoint")
+
+
+def test_watchdog_lease_does_not_come_back_after_2_29_ms_of_silence():
+    # ticks_diff turns negative after 2^29 ms: expiry must be latched (C6).
+    a, clock = arbiter({"offline_a": 0})
+    a.start_session()
+    a.offer(setpoint(1, 40), clock.ticks_ms())
+    for _ in range(40):                       # the control loop asks every tick;
+        clock.advance(1 << 25)                # here every 2^25 ms, past 2^30 in all
+        assert a.limit(clock.ticks_ms()) == (0, "pause")
+        assert not a.online(clock.ticks_ms())
+    a.offer(setpoint(2, 16), clock.ticks_ms())
+    assert a.limit(clock.ticks_ms()) == (16, "setpoint")
+
+
+def test_message_from_an_older_epoch_is_rejected():
+    a, clock = arbiter()
+    a.offer(setpoint(1, 10, epoch=6), clock.ticks_ms())
+    raises(ValueError, a.offer, setpoint(900, 40, epoch=5), clock.ticks_ms())
+    assert a.limit(clock.ticks_ms()) == (10, "setpoint")
+    assert (a.epoch, a.ack_seq) == (6, 1)
+
+
+def test_lower_offline_current_is_in_force_even_when_flash_write_fails():
+    a, clock = arbiter({"offline_a": 16, "t_wd_s": 10})
+    fs = a.settings.fs
+    fs.cut_at = len(fs.steps)              # the next write fails at its first step
+
+    try:
+        a.offer(setpoint(1, 20, offline_a=6), clock.ticks_ms())
+    except Exception:
+        pass
+    assert a.settings["offline_a"] == 6 and a.settings.unsaved
+    clock.advance(10000)
+    assert a.limit(clock.ticks_ms()) == (6, "offline")
+    fs.cut_at = None
+    a.offer(setpoint(2, 20), clock.ticks_ms())
+    a.settings.update({})                  # retried with the next update
+    assert not a.settings.unsaved and '"offline_a": 6' in fs.files["settings.json"]
 
 
 def test_old_seq_in_same_epoch_is_rejected_new_epoch_accepted():

@@ -29,6 +29,16 @@ def test_emitted_duty_never_exceeds_ideal_so_ev_never_reads_more_than_offered():
         assert pilot.ev_reads_a(u16) <= amps + 1e-9, (amps, pilot.ev_reads_a(u16))
 
 
+def test_duty_just_above_51a_is_never_above_ideal():
+    # 51 < A < 51.1 truncates to 51.0 A but belongs to the upper range: the
+    # lower range's 85 % would exceed the ideal 84.4 % (found by review).
+    for hundredths in range(5101, 5110):
+        amps = hundredths / 100
+        # ideal duty_u16 = (A / 2.5 + 64) x 65535 / 100 = (h + 16000) x 65535 / 25000
+        assert pilot.duty_u16(amps) * 25000 <= (hundredths + 16000) * 65535, amps
+    assert pilot.duty_u16(51) == 55704 and pilot.duty_u16(51.05) == 55311
+
+
 def test_fractional_amps_truncate_down_not_up():
     # 8.09 A offers 8.0 A, never 8.1 A.
     assert pilot.duty_u16(8.09) == pilot.duty_u16(8)

@@ -134,7 +134,7 @@ def run(t_wd_s: int, offline_a: float, plug_at: float, unplug_at: float, ev: dic
         with SimCharger(settings, Path(tmp)) as ch:
             first = ch.wait_ready()
             out(f"firmware on the MicroPython unix port, simulated board on udp {ch.port}; "
-                f"no server. T_wd {t_wd_s} s, start 8 A, offline {offline_a} A")
+                f"no server. T_wd {t_wd_s} s, start 8 A, offline {offline_a:g} A")
             t0 = time.monotonic() - first["t_ms"] / 1000
             plugged = unplugged = False
             samples.append(first)
@@ -163,12 +163,13 @@ def run(t_wd_s: int, offline_a: float, plug_at: float, unplug_at: float, ev: dic
 def summary(samples: list[dict], t_wd_s: int) -> dict:
     """First offer of the session and the watchdog fallback, from telemetry."""
     first_pwm = next((s for s in samples if s["pilot_a"] > 0), None)
-    fallback = next((s for s in samples if s["limit_by"] == "offline"), None)
+    fallback = next((s for s in samples if not s["online"]), None)
     return {
         "first_offer_a": first_pwm["pilot_a"] if first_pwm else None,
         "first_offer_by": first_pwm["limit_by"] if first_pwm else None,
         "fallback_at_s": fallback["t_ms"] / 1000 if fallback else None,
         "offline_a": fallback["limit_a"] if fallback else None,
+        "fallback_by": fallback["limit_by"] if fallback else None,
         "peak_measured_a": max(s["measured_a"] for s in samples),
         "t_wd_s": t_wd_s,
     }
@@ -191,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.offline != 0 and not 6 <= args.offline <= 80:
         ap.error("--offline must be 0 or 6..80 A")
     unplug_at = args.unplug_at if args.unplug_at is not None else args.t_wd + 5
+    if args.plug_at < 0:
+        ap.error("--plug-at must be 0 or more")
     if unplug_at <= args.plug_at:
         ap.error("--unplug-at must come after --plug-at")
     samples = run(args.t_wd, args.offline, args.plug_at, unplug_at, BOLT_EV)
@@ -200,8 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     if s["fallback_at_s"] is None:
         print("  no watchdog fallback seen")
     else:
-        print(f"  watchdog fallback to the offline current: {s['offline_a']} A at "
-              f"{s['fallback_at_s']:.2f} s after boot (T_wd {args.t_wd} s, no server)")
+        print(f"  watchdog fallback at {s['fallback_at_s']:.2f} s after boot (T_wd {args.t_wd} s, "
+              f"no server): limit {s['offline_a']} A ({s['fallback_by']})")
     print(f"  peak measured current: {s['peak_measured_a']} A")
     return 0
 

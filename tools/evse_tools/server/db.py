@@ -182,17 +182,21 @@ class GroupStore:
         self._db = sqlite3.connect(self.path, timeout=10, isolation_level=None,
                                    check_same_thread=False)
         self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA foreign_keys = ON")
-        self._db.execute("PRAGMA journal_mode = WAL")
-        with self._tx() as db:
-            version = db.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise StoreError("database %s has schema version %d; this server knows up to %d"
-                                 % (self.path, version, SCHEMA_VERSION))
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    db.execute(statement)
-            db.execute("PRAGMA user_version = %d" % SCHEMA_VERSION)
+        try:
+            self._db.execute("PRAGMA foreign_keys = ON")
+            self._db.execute("PRAGMA journal_mode = WAL")
+            with self._tx() as db:
+                version = db.execute("PRAGMA user_version").fetchone()[0]
+                if version > SCHEMA_VERSION:
+                    raise StoreError("database %s has schema version %d; this server knows up to %d"
+                                     % (self.path, version, SCHEMA_VERSION))
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                db.execute("PRAGMA user_version = %d" % SCHEMA_VERSION)
+        except BaseException:
+            self._db.close()
+            raise
 
     def close(self):
         with self._lock:
