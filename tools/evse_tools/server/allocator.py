@@ -1,0 +1,527 @@
+"""The load-group allocator: pure logic implementing DESIGN.md §3 S1-S7.
+
+No I/O and no clock of its own: the service feeds it charger reports and the
+time (``now``, seconds, monotonic) and publishes the messages it returns.
+
+The ledger (S1)
+    For every member the allocator keeps ``hold_a``: the most current the
+    member may be drawing right now, whatever happened to the messages in
+    flight. Sending a setpoint raises ``hold_a`` at once to at least that
+    value. It comes down only when the charger has acknowledged a lower
+    setpoint (``ack_seq``) *and* its measured current is at or below it (or
+    5 s plus a margin have passed since the acknowledgement), and nothing
+    higher is still in flight. A member's worst case is ``hold_a``, raised to
+    its start current while it is idle (a car may plug in at any moment), to
+    its offline current when its watchdog lease may have lapsed, and replaced
+    by its offline current once it has been silent for ``T_wd`` + margin.
+    Never 0 for a member that can draw.
+
+Decrease before increase (S2)
+    Each step computes targets, sends every decrease at once, and sends an
+    increase only when the sum of worst cases with it stays within the
+    breaker. The rest wait, recorded as ``breaker_transient``.
+
+Offline contract (S3), minimum current and rotation (S4), taper (S5),
+restart (S6) and the record of the binding constraint (S7) are described at
+the functions that do them.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+MIN_A = 6
+"""Smallest setpoint other than 0 (S4; J1772's 10 % duty)."""
+DEFAULT_OFFLINE_A = 8
+"""Seed: offline current 8 A."""
+DEFAULT_START_A = 8
+"""Seed: every session starts at 8 A."""
+MARGIN_S = 5.0
+"""Margin added to T_wd and to the EV's 5 s response time (S1), s."""
+EV_RESPONSE_S = 5.0
+"""IEC 61851-1 Table A.6: the EV follows a lower duty within 5 s."""
+CONFIRM_TOL_A = 1.0
+"""Measured current this close above a lowered setpoint confirms the decrease, A."""
+TAPER_MARGIN_A = 2.0
+"""S5: a tapering member's setpoint follows its measured current plus this, A."""
+TAPER_HOLD_S = 10.0
+"""S5: measured current must stay below the setpoint this long before it counts as taper, s."""
+ROTATE_S = 300.0
+"""S4: shortest time a rotation decision holds (anti-flap), s."""
+
+CONNECTED = ("B", "C", "D")
+
+# Binding constraints (S7): why a member has the setpoint it has.
+GROUP_LIMIT = "group_limit"
+UNIT_RATING = "unit_rating"
+EV_DRAW = "ev_draw"
+MINIMUM_CURRENT = "minimum_current"
+ROTATION = "rotation"
+BREAKER_TRANSIENT = "breaker_transient"
+IDLE = "idle"
+OFFLINE = "offline"
+RESTART = "restart"
+FAULT = "fault"
+
+
+@dataclass
+class GroupConfig:
+    """A load group: ``limit_a`` (80 % of ``breaker_a`` at most), ``t_wd_s``
+    (the chargers' watchdog timeout), ``fair_offline`` (Tesla's rule, S3),
+    ``rotate_s`` (S4 anti-flap period)."""
+
+    name: str
+    breaker_a: float
+    limit_a: float
+    t_wd_s: float = 30.0
+    fair_offline: bool = False
+    rotate_s: float = ROTATE_S
+
+
+@dataclass
+class Report:
+    """What a charger said in its latest state message (DESIGN.md §4)."""
+
+    state: str
+    measured_a: float = 0.0
+    pilot_a: float = 0.0
+    ack_seq: int | None = None
+    ack_epoch: int | None = None
+    offline_a: float | None = None
+    start_a: float | None = None
+    fault: str | None = None
+    relay: bool | None = None
+    session_wh: int = 0
+    limit_by: str | None = None
+
+
+@dataclass
+class Sent:
+    """A setpoint message sent to a member (``at`` in s)."""
+
+    seq: int
+    current_a: float
+    offline_a: float
+    start_a: float
+    at: float
+
+
+@dataclass
+class Member:
+    """The allocator's knowledge of one member. Units: A, s."""
+
+    id: str
+    unit_rating_a: float
+    offline_a: float = DEFAULT_OFFLINE_A   # last value the charger is known to store
+    start_a: float = DEFAULT_START_A
+    hold_a: float = 0.0                   # S1 worst-case draw from setpoints
+    report: Report | None = None
+    reported_at: float | None = None
+    sent: list[Sent] = field(default_factory=list)
+    acked: Sent | None = None
+    ack_seen_at: float | None = None
+    low_since: float | None = None         # S5: measured below setpoint since
+    demand_a: float | None = None          # S5: None = no taper seen
+    active_since: float | None = None      # S4: in the active (charging) set since
+    waiting_since: float | None = None     # S4: paused by rotation since
+    target_a: float = 0.0
+    binding: str = IDLE
+
+    def last_sent(self) -> Sent | None:
+        return self.sent[-1] if self.sent else None
+
+
+@dataclass
+class Command:
+    """A setpoint message to publish on ``<prefix>/<member>/set``."""
+
+    member: str
+    seq: int
+    epoch: int
+    current_a: float
+    offline_a: float
+    start_a: float
+
+    def payload(self) -> dict:
+        return {"v": 1, "epoch": self.epoch, "seq": self.seq, "current_a": self.current_a,
+                "offline_a": self.offline_a, "start_a": self.start_a}
+
+
+def offline_currents(limit_a: float, members: list[Member], fair: bool) -> dict[str, float]:
+    """S3: the offline current of each member; they sum to at most ``limit_a``.
+
+    Default: the seed's 8 A each. When 8 A x members exceeds the limit, as many
+    members as fit get the same lower value, never below 6 A, and the rest 0
+    (they cannot charge offline); members with a car connected come first,
+    then by id. ``fair`` (Tesla's rule): floor(limit / members), capped at the
+    unit rating, when that is at least 6 A. Result in whole amps.
+    """
+    n = len(members)
+    if n == 0:
+        return {}
+    order = sorted(members, key=lambda m: (not _connected(m), m.id))
+    if fair and limit_a // n >= MIN_A:
+        return {m.id: float(min(limit_a // n, m.unit_rating_a)) for m in members}
+    if DEFAULT_OFFLINE_A * n <= limit_a:
+        return {m.id: float(min(DEFAULT_OFFLINE_A, m.unit_rating_a)) for m in members}
+    k = min(n, int(limit_a // MIN_A))
+    each = float(min(DEFAULT_OFFLINE_A, limit_a // k)) if k else 0.0
+    return {m.id: (min(each, m.unit_rating_a) if i < k else 0.0) for i, m in enumerate(order)}
+
+
+def _connected(m: Member) -> bool:
+    return m.report is not None and m.report.state in CONNECTED and not m.report.fault
+
+
+def water_fill(budget: float, caps: dict[str, float]) -> dict[str, float]:
+    """Max-min fair split of ``budget`` (A) over members with ``caps`` (A):
+    equal shares, and what a capped member cannot take goes to the others.
+    Shares are whole amps (rounded down), so the sum never exceeds the budget."""
+    alloc: dict[str, float] = {}
+    left = dict(caps)
+    remaining = budget
+    while left:
+        share = remaining / len(left)
+        capped = {k: c for k, c in left.items() if c <= share}
+        if not capped:
+            for k in left:
+                alloc[k] = float(math.floor(share))
+            break
+        for k, c in capped.items():
+            alloc[k] = float(c)
+            remaining -= c
+            del left[k]
+    return alloc
+
+
+class Allocator:
+    """Allocates a group's current. ``members``: the group's members with
+    their unit ratings (and, after a restart, the stored ``offline_a``/
+    ``start_a``/``hold_a``); ``epoch``: this server run's epoch (int);
+    ``now``: start time, s; ``restarted``: True when the server starts with
+    members that may be charging (S6)."""
+
+    def __init__(self, group: GroupConfig, members: list[Member], epoch: int, now: float,
+                 restarted: bool = True):
+        self.group = group
+        self.members = {m.id: m for m in members}
+        self.epoch = epoch
+        self.seq = 0
+        self.started_at = now
+        self.restarted = restarted
+        for m in members:
+            if restarted:
+                # S6: assume the worst until it reports: max(last setpoint, offline current).
+                m.hold_a = max(m.hold_a, m.offline_a)
+
+    # -- inputs ---------------------------------------------------------------
+
+    def on_report(self, member_id: str, report: Report, now: float) -> None:
+        """Take a charger's state message, received at ``now``."""
+        m = self.members.get(member_id)
+        if m is None:
+            return
+        prev = m.report
+        m.report = report
+        m.reported_at = now
+        if report.offline_a is not None:
+            m.offline_a = report.offline_a
+        if report.start_a is not None:
+            m.start_a = report.start_a
+        if report.ack_epoch == self.epoch and report.ack_seq is not None:
+            acked = next((s for s in m.sent if s.seq == report.ack_seq), None)
+            if acked is not None and (m.acked is None or acked.seq > m.acked.seq):
+                m.acked = acked
+                m.ack_seen_at = now
+                m.low_since = None
+                m.sent = [s for s in m.sent if s.seq >= acked.seq]
+        if prev is None or (prev.state in CONNECTED) != (report.state in CONNECTED):
+            # A session began or ended: forget the taper and rotation history.
+            m.demand_a = None
+            m.low_since = None
+        self._settle(m, now)
+
+    def _settle(self, m: Member, now: float) -> None:
+        """Lower ``hold_a`` when a decrease is confirmed (S1)."""
+        a = m.acked
+        if a is None or m.report is None:
+            return
+        in_flight = max((s.current_a for s in m.sent if s.seq > a.seq), default=0.0)
+        level = max(_effective(a.current_a, m), _effective(in_flight, m))
+        if level >= m.hold_a:
+            return
+        measured_ok = m.report.measured_a <= a.current_a + CONFIRM_TOL_A or (
+            m.report.state not in ("C", "D"))
+        waited = m.ack_seen_at is not None and now - m.ack_seen_at >= EV_RESPONSE_S + MARGIN_S
+        if measured_ok or waited:
+            m.hold_a = level
+
+    # -- the ledger -----------------------------------------------------------
+
+    def silent(self, m: Member, now: float) -> bool:
+        """No report for longer than T_wd + margin (counted from the server's
+        start when it never reported): the charger runs on its offline current."""
+        since = m.reported_at if m.reported_at is not None else self.started_at
+        return now - since > self.group.t_wd_s + MARGIN_S
+
+    def worst_a(self, m: Member, now: float) -> float:
+        """S1: the most member ``m`` may draw at ``now``, A."""
+        if self.silent(m, now):
+            return _offline_stored(m)
+        w = m.hold_a
+        if m.report is None or m.report.state not in CONNECTED:
+            w = max(w, _start_stored(m))
+        a = m.acked
+        lease_from = a.at if a is not None else self.started_at
+        if now - lease_from > self.group.t_wd_s - MARGIN_S:
+            w = max(w, _offline_stored(m))
+        return w
+
+    def ledger_a(self, now: float) -> float:
+        """Sum of the members' worst cases, A (S1: at most the breaker)."""
+        return sum(self.worst_a(m, now) for m in self.members.values())
+
+    # -- allocation -------------------------------------------------------------
+
+    def _demand(self, m: Member, now: float) -> tuple[float, str]:
+        """S5: what a connected member can use, and the constraint that says so."""
+        cap, why = m.unit_rating_a, UNIT_RATING
+        r = m.report
+        a = m.acked
+        if r is None or a is None or a.current_a < MIN_A:
+            return cap, why
+        if r.measured_a < a.current_a - TAPER_MARGIN_A:
+            if m.low_since is None:
+                m.low_since = now
+            if now - m.low_since >= TAPER_HOLD_S:
+                m.demand_a = max(MIN_A, float(math.ceil(r.measured_a + TAPER_MARGIN_A)))
+        else:
+            m.low_since = None
+            if m.demand_a is not None and r.measured_a >= m.demand_a - CONFIRM_TOL_A:
+                m.demand_a = None      # its draw climbs back: it gets current back
+        if m.demand_a is not None and m.demand_a < cap:
+            return m.demand_a, EV_DRAW
+        return cap, why
+
+    def _active_set(self, charging: list[Member], k: int, now: float) -> set[str]:
+        """S4: which ``k`` of the charging members get current in a shortage.
+        Fair by energy delivered (least first); a decision holds ``rotate_s``
+        (anti-flap) unless members came or went."""
+        ids = {m.id for m in charging}
+        current = {m.id for m in charging if m.active_since is not None}
+        due = any(now - m.active_since >= self.group.rotate_s
+                  for m in charging if m.active_since is not None)
+        if len(current) == min(k, len(ids)) and current <= ids and not due:
+            return current
+        ranked = sorted(charging, key=lambda m: (m.report.session_wh if m.report else 0,
+                                                 -(now - (m.waiting_since or now)), m.id))
+        if due and len(current) == k:
+            # Rotate: the active members that had their turn make room.
+            stay = [m for m in ranked if m.id in current and now - m.active_since < self.group.rotate_s]
+            waiting = [m for m in ranked if m.id not in current]
+            done = [m for m in ranked if m.id in current and m not in stay]
+            chosen = (stay + waiting + done)[:k]
+        else:
+            chosen = ranked[:k]
+        return {m.id for m in chosen}
+
+    def plan(self, now: float) -> dict[str, tuple[float, str]]:
+        """Targets: member id -> (setpoint A, binding constraint). Idle members
+        get their start current (C2). Pure apart from the taper and rotation
+        bookkeeping on the members."""
+        g = self.group
+        plan: dict[str, tuple[float, str]] = {}
+        budget = g.limit_a
+        charging: list[Member] = []
+        for m in self.members.values():
+            if self.silent(m, now):
+                plan[m.id] = (0.0, OFFLINE)
+                budget -= _offline_stored(m)
+            elif m.report is not None and m.report.fault:
+                plan[m.id] = (0.0, FAULT)
+                budget -= self.worst_a(m, now)
+            elif _connected(m):
+                charging.append(m)
+            else:
+                m.active_since = None
+                m.waiting_since = None
+        caps = {}
+        whys = {}
+        for m in charging:
+            caps[m.id], whys[m.id] = self._demand(m, now)
+        k = min(len(charging), int(max(budget, 0) // MIN_A))
+        active = self._active_set(charging, k, now) if k < len(charging) else {m.id for m in charging}
+        for m in charging:
+            if m.id in active:
+                if m.active_since is None:
+                    m.active_since = now
+                m.waiting_since = None
+            else:
+                m.active_since = None
+                if m.waiting_since is None:
+                    m.waiting_since = now
+                plan[m.id] = (0.0, ROTATION if k else MINIMUM_CURRENT)
+        shares = water_fill(max(budget, 0.0), {i: caps[i] for i in active})
+        for i, a in shares.items():
+            why = whys[i] if a >= caps[i] else GROUP_LIMIT
+            plan[i] = (a if a >= MIN_A else 0.0, why if a >= MIN_A else MINIMUM_CURRENT)
+        # Idle members: their setpoint is their start current (C2); S3 may lower it.
+        for m in self.members.values():
+            if m.id not in plan:
+                plan[m.id] = (-1.0, IDLE)   # filled in by start_currents()
+        return plan
+
+    def start_currents(self, plan: dict[str, tuple[float, str]], now: float) -> dict[str, float]:
+        """S3: start current per member. Idle members keep 8 A while the breaker
+        has room beside everything else's worst case, else 6 A, else 0 ("wait
+        for an allocation"); connected members keep what they have."""
+        out = {}
+        idle = sorted((m for m in self.members.values() if plan[m.id][1] == IDLE), key=lambda m: m.id)
+        headroom = self.group.breaker_a
+        for m in self.members.values():
+            if plan[m.id][1] != IDLE:
+                headroom -= max(self.worst_a(m, now), plan[m.id][0])
+                out[m.id] = _start_stored(m) if m.start_a else DEFAULT_START_A
+        for m in idle:
+            for want in (DEFAULT_START_A, MIN_A, 0.0):
+                if want <= headroom:
+                    break
+            want = min(want, m.unit_rating_a)
+            out[m.id] = want
+            headroom -= want
+        return out
+
+    def step(self, now: float) -> list[Command]:
+        """One allocation round: returns the setpoint messages to publish now.
+
+        Sends decreases at once and increases only within the breaker (S2),
+        repeats every member's setpoint at least every T_wd / 3, and holds
+        every increase while a restarted server waits for its members (S6).
+        """
+        g = self.group
+        plan = self.plan(now)
+        starts = self.start_currents(plan, now)
+        offline = offline_currents(g.limit_a, list(self.members.values()), g.fair_offline)
+        waiting_restart = self.restarted and now - self.started_at <= g.t_wd_s + MARGIN_S and any(
+            m.report is None for m in self.members.values())
+        if self.restarted and not waiting_restart:
+            self.restarted = False
+        # Offline currents: decreases first, increases only while the stored
+        # values stay within the group limit (S3 contract at every instant).
+        off_sum = sum(max(_offline_stored(m), _offline_in_flight(m)) for m in self.members.values())
+        desired: dict[str, tuple[float, float, float, str]] = {}
+        for m in self.members.values():
+            target, why = plan[m.id]
+            start = starts[m.id]
+            if why == IDLE:
+                target = start
+            off = offline[m.id]
+            cur_off = max(_offline_stored(m), _offline_in_flight(m))
+            if off > cur_off:
+                if waiting_restart or off_sum - cur_off + off > g.limit_a:
+                    off = cur_off           # wait until the decreases are stored
+                else:
+                    off_sum += off - cur_off
+            desired[m.id] = (target, off, start, why)
+        cmds: list[Command] = []
+        # Decreases (and unchanged values) first.
+        increases = []
+        for m in self.members.values():
+            target, off, start, why = desired[m.id]
+            eff = _effective(target, m)
+            raises_worst = eff > m.hold_a or (why == IDLE and start > _start_stored(m))
+            if raises_worst:
+                increases.append(m)
+                continue
+            m.target_a, m.binding = target, why
+            self._maybe_send(m, target, off, start, now, cmds)
+        # Increases while the ledger stays within the breaker (S1, S2).
+        for m in sorted(increases, key=lambda m: (m.hold_a, m.id)):
+            target, off, start, why = desired[m.id]
+            if waiting_restart:
+                self._hold(m, RESTART, now, cmds)
+                continue
+            before = self.worst_a(m, now)
+            after = max(before, _effective(target, m), start if why == IDLE else 0.0)
+            if self.ledger_a(now) - before + after <= g.breaker_a + 1e-9:
+                m.target_a, m.binding = target, why
+                self._maybe_send(m, target, off, start, now, cmds)
+            else:
+                self._hold(m, BREAKER_TRANSIENT, now, cmds)
+        return cmds
+
+    def _hold(self, m: Member, why: str, now: float, cmds: list[Command]) -> None:
+        """Keep the member where it is (no increase), refreshing its lease."""
+        last = m.last_sent()
+        keep = last.current_a if last is not None else min(m.hold_a, m.unit_rating_a)
+        keep_start = min(last.start_a, _start_stored(m)) if last is not None else _start_stored(m)
+        keep_off = min(last.offline_a, _offline_stored(m)) if last is not None else _offline_stored(m)
+        m.target_a, m.binding = keep, why
+        self._maybe_send(m, keep, keep_off, keep_start, now, cmds)
+
+    def _maybe_send(self, m: Member, current: float, off: float, start: float, now: float,
+                    cmds: list[Command]) -> None:
+        if self.silent(m, now) and m.reported_at is None:
+            return   # never heard from: nothing to renew
+        last = m.last_sent()
+        fresh = last is not None and now - last.at < self.group.t_wd_s / 3
+        if fresh and last.current_a == current and last.offline_a == off and last.start_a == start:
+            return
+        self.seq += 1
+        s = Sent(self.seq, current, off, start, now)
+        m.sent.append(s)
+        if len(m.sent) > 64:
+            del m.sent[0]
+        m.hold_a = max(m.hold_a, _effective(current, m))
+        cmds.append(Command(m.id, self.seq, self.epoch, current, off, start))
+
+    # -- reporting ----------------------------------------------------------------
+
+    def group_state(self, now: float) -> dict:
+        """The ``loadgroup/<group>/state`` payload (S7: the binding constraint
+        of each member)."""
+        g = self.group
+        members = {}
+        for m in sorted(self.members.values(), key=lambda m: m.id):
+            r = m.report
+            last = m.last_sent()
+            members[m.id] = {
+                "state": r.state if r else None,
+                "online": not self.silent(m, now) and r is not None,
+                "setpoint_a": last.current_a if last else None,
+                "measured_a": r.measured_a if r else None,
+                "worst_a": self.worst_a(m, now),
+                "offline_a": m.offline_a,
+                "start_a": m.start_a,
+                "binding": m.binding,
+                "fault": r.fault if r else None,
+                "session_wh": r.session_wh if r else 0,
+            }
+        charging = [m for m in self.members.values() if _connected(m) and not self.silent(m, now)]
+        return {
+            "v": 1, "group": g.name, "breaker_a": g.breaker_a, "limit_a": g.limit_a,
+            "epoch": self.epoch, "fair_offline": g.fair_offline,
+            "setpoints_charging_a": sum(m.target_a for m in charging),
+            "worst_case_a": self.ledger_a(now),
+            "measured_a": round(sum(m.report.measured_a for m in self.members.values() if m.report), 1),
+            "members": members,
+        }
+
+
+def _effective(amps: float, m: Member) -> float:
+    """What a setpoint lets the member draw: clamped to its rating, 0 below 6 A (C3)."""
+    a = min(amps, m.unit_rating_a)
+    return a if a >= MIN_A else 0.0
+
+
+def _offline_stored(m: Member) -> float:
+    return m.offline_a
+
+
+def _start_stored(m: Member) -> float:
+    return m.start_a
+
+
+def _offline_in_flight(m: Member) -> float:
+    a = m.acked
+    return max((s.offline_a for s in m.sent if a is None or s.seq > a.seq), default=0.0)

@@ -1,0 +1,253 @@
+"""A load group in virtual time, in one CPython process.
+
+Each charger is the firmware's own limit arbiter (:class:`firmware.limit.LimitArbiter`)
+with its settings store, fed through a message bus that can delay, drop or
+withhold messages; each EV answers the offer after its response delay and
+tapers. The allocator is the server's (:mod:`evse_tools.server.allocator`).
+Used by the allocator's property tests and by benchmarks; the real thing, with
+processes and a broker, is :mod:`evse_tools.sim.run`.
+
+Units: A, s (virtual); the firmware's clock runs in ms.
+"""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+
+from firmware import settings as fw_settings
+from firmware.limit import LimitArbiter
+from evse_tools.server.allocator import Allocator, GroupConfig, Member, Report
+
+_PERIOD = 1 << 30
+
+
+class TickClock:
+    """ESP32-like ms clock (period 2^30) driven by virtual seconds."""
+
+    def __init__(self, start_ms: int = _PERIOD - 5000):
+        self.now = start_ms
+
+    def ticks_ms(self) -> int:
+        return self.now
+
+    def ticks_diff(self, a: int, b: int) -> int:
+        return ((a - b + _PERIOD // 2) % _PERIOD) - _PERIOD // 2
+
+    def ticks_add(self, t: int, d: int) -> int:
+        return (t + d) % _PERIOD
+
+    def set_seconds(self, base: int, seconds: float) -> None:
+        self.now = (base + int(seconds * 1000)) % _PERIOD
+
+
+class _MemFs:
+    def __init__(self):
+        self.files: dict[str, str] = {}
+
+    def open(self, path, mode):
+        fs = self
+
+        class F:
+            def __init__(self):
+                if "w" in mode:
+                    fs.files[path] = ""
+                elif path not in fs.files:
+                    raise OSError(2, "ENOENT")
+
+            def write(self, text):
+                fs.files[path] += text
+
+            def read(self, n=-1):
+                return fs.files[path] if n < 0 else fs.files[path][:n]
+
+            def close(self):
+                pass
+        return F()
+
+    def rename(self, a, b):
+        self.files[b] = self.files.pop(a)
+
+    def remove(self, p):
+        del self.files[p]
+
+    def sync(self):
+        pass
+
+
+@dataclass
+class VirtualEv:
+    """An EV: onboard maximum ``max_a``, response delay ``delay_s``, and a
+    draw cap ``taper_a`` (None = none) that scenarios lower to model taper."""
+
+    max_a: float = 32.0
+    delay_s: float = 2.0
+    taper_a: float | None = None
+    drawn_a: float = 0.0
+    _seen: list = field(default_factory=list)
+    energy_wh: float = 0.0
+
+
+class VirtualCharger:
+    """One charger: the firmware's arbiter, a session flag and an EV."""
+
+    def __init__(self, cid: str, unit_rating_a: float, clock: TickClock, t_wd_s: int):
+        self.id = cid
+        self.clock = clock
+        self.fs = _MemFs()
+        self.store = fw_settings.Store("settings.json", fw_settings.SCHEMA, self.fs)
+        self.store.update({"unit_rating_a": unit_rating_a, "installer_max_a": unit_rating_a,
+                           "t_wd_s": t_wd_s})
+        self.arbiter = LimitArbiter(clock, self.store, clock.ticks_ms())
+        self.ev: VirtualEv | None = None
+        self.session_wh = 0.0
+        self.alive = True
+
+    def limit(self) -> float:
+        """The current the pilot offers now, A."""
+        if self.ev is None:
+            return 0.0
+        return float(self.arbiter.limit(self.clock.ticks_ms())[0])
+
+    def plug(self, ev: VirtualEv) -> None:
+        self.ev = ev
+        self.session_wh = 0.0
+        self.arbiter.start_session()
+
+    def unplug(self) -> None:
+        self.ev = None
+
+    def deliver(self, payload: bytes) -> None:
+        try:
+            self.arbiter.offer(payload, self.clock.ticks_ms())
+        except ValueError:
+            pass
+
+    def advance(self, now: float, dt: float) -> None:
+        ev = self.ev
+        if ev is None:
+            return
+        offer = self.limit()
+        ev._seen.append((now + ev.delay_s, offer))
+        target = ev.drawn_a
+        while ev._seen and ev._seen[0][0] <= now:
+            target = ev._seen.pop(0)[1]
+        cap = min(ev.max_a, ev.taper_a if ev.taper_a is not None else ev.max_a)
+        # An EV never draws more than it is offered now (it drops at once when
+        # power is removed) nor more than it read after its delay.
+        ev.drawn_a = min(target, cap, offer) if offer > 0 else 0.0
+        wh = ev.drawn_a * 240 * dt / 3600
+        ev.energy_wh += wh
+        self.session_wh += wh
+
+    def report(self) -> Report:
+        a = self.arbiter
+        amps, why = a.limit(self.clock.ticks_ms())
+        return Report(state="C" if self.ev else "A",
+                      measured_a=round(self.ev.drawn_a, 1) if self.ev else 0.0,
+                      pilot_a=amps if self.ev else 0.0, ack_seq=a.ack_seq, ack_epoch=a.epoch,
+                      offline_a=self.store["offline_a"], start_a=self.store["start_a"],
+                      session_wh=int(self.session_wh), limit_by=why)
+
+
+class Bus:
+    """Messages with a delay; ``drop`` is the share lost (0..1); a member in
+    ``deaf`` receives nothing; ``server_up`` False loses everything."""
+
+    def __init__(self, rng: random.Random, delay_s: float = 0.2, drop: float = 0.0):
+        self.rng = rng
+        self.delay_s = delay_s
+        self.drop = drop
+        self.deaf: set[str] = set()
+        self.mute: set[str] = set()
+        self.queue: list[tuple[float, str, str, object]] = []
+
+    def send(self, now: float, kind: str, member: str, body: object) -> None:
+        if self.drop and self.rng.random() < self.drop:
+            return
+        if kind == "set" and member in self.deaf:
+            return
+        if kind == "state" and member in self.mute:
+            return
+        self.queue.append((now + self.delay_s * (0.5 + self.rng.random()), kind, member, body))
+
+    def due(self, now: float):
+        ready = [m for m in self.queue if m[0] <= now]
+        self.queue = [m for m in self.queue if m[0] > now]
+        return sorted(ready, key=lambda m: m[0])
+
+
+class VirtualGroup:
+    """A load group in virtual time. ``members``: dict id -> unit rating (A)."""
+
+    def __init__(self, group: GroupConfig, members: dict[str, float], seed: int = 0,
+                 delay_s: float = 0.2, drop: float = 0.0, report_s: float = 1.0):
+        self.group = group
+        self.rng = random.Random(seed)
+        self.clock = TickClock()
+        self.base = self.clock.now
+        self.t = 0.0
+        self.chargers = {i: VirtualCharger(i, r, self.clock, int(group.t_wd_s)) for i, r in members.items()}
+        self.bus = Bus(self.rng, delay_s, drop)
+        self.report_s = report_s
+        self.epoch = 1
+        self.server_up = True
+        self.allocator = self._new_allocator(restarted=False)
+        self._last_report = {i: -1e9 for i in members}
+        self.violations: list[str] = []
+        self.peak_a = 0.0
+        self.over_limit_s = 0.0
+        self.over_breaker_s = 0.0
+
+    def _new_allocator(self, restarted: bool) -> Allocator:
+        ms = [Member(i, c.store["unit_rating_a"]) for i, c in self.chargers.items()]
+        return Allocator(self.group, ms, self.epoch, self.t, restarted=restarted)
+
+    def restart_server(self) -> None:
+        """S6: a new epoch; the new allocator knows only the ratings, and
+        assumes each member at its offline current until it reports."""
+        self.epoch += 1
+        old = self.allocator
+        self.allocator = self._new_allocator(restarted=True)
+        for m in self.allocator.members.values():
+            o = old.members[m.id]
+            m.offline_a = o.offline_a
+            m.start_a = o.start_a
+            last = o.last_sent()
+            m.hold_a = max(m.hold_a, last.current_a if last else 0.0)
+
+    def step(self, dt: float = 0.1) -> None:
+        self.t += dt
+        self.clock.set_seconds(self.base, self.t)
+        for _at, kind, member, body in self.bus.due(self.t):
+            if kind == "set":
+                self.chargers[member].deliver(body)
+            elif self.server_up:
+                self.allocator.on_report(member, body, self.t)
+        for c in self.chargers.values():
+            c.advance(self.t, dt)
+        for i, c in self.chargers.items():
+            if self.t - self._last_report[i] >= self.report_s:
+                self._last_report[i] = self.t
+                self.bus.send(self.t, "state", i, c.report())
+        if self.server_up:
+            for cmd in self.allocator.step(self.t):
+                self.bus.send(self.t, "set", cmd.member, json.dumps(cmd.payload()).encode())
+        self._check(dt)
+
+    def _check(self, dt: float) -> None:
+        offered = sum(c.limit() for c in self.chargers.values())
+        drawn = sum(c.ev.drawn_a for c in self.chargers.values() if c.ev)
+        worst = sum(max(c.limit(), c.ev.drawn_a if c.ev else 0.0) for c in self.chargers.values())
+        self.peak_a = max(self.peak_a, drawn)
+        if drawn > self.group.limit_a + 1e-9:
+            self.over_limit_s += dt
+        if drawn > self.group.breaker_a + 1e-9:
+            self.over_breaker_s += dt
+        if worst > self.group.breaker_a + 1e-9:
+            self.violations.append("t=%.1f offered %.1f A, drawn %.1f A > breaker %.0f A"
+                                   % (self.t, offered, drawn, self.group.breaker_a))
+
+    def run(self, seconds: float, dt: float = 0.1) -> None:
+        for _ in range(int(round(seconds / dt))):
+            self.step(dt)
