@@ -17,7 +17,8 @@ FW_PATH := .frozen:$(CURDIR):$(CURDIR)/lib
 .PHONY: help sim charger test test-cpython test-mpy check lib venv clean
 
 help:
-	@echo "make sim         simulated charger run (see README)"
+	@echo "make sim         the simulated load group (SCENARIO=garage|shortage|busy-day)"
+	@echo "make charger     one simulated charger, no server"
 	@echo "make test        all tests: CPython, MicroPython unix port, make check"
 	@echo "make check       mpy-cross + pyright on every device-side file"
 	@echo "make lib         install device libraries (umqtt.simple) into lib/"
@@ -34,9 +35,12 @@ lib: $(UMQTT)
 $(UMQTT): lib/manifest.json | $(STAMP)
 	$(BIN)/evse-fetch-lib --lib lib
 
-# The main job. Until the load-group server lands (issue 3) it runs one
-# charger with its simulated board and EV, and no server.
-sim: charger
+# The main job: a simulated load group end to end (DESIGN.md §7).
+SCENARIO ?= garage
+sim: $(STAMP) $(UMQTT)
+	$(BIN)/evse-sim $(SCENARIO) --out out
+
+# One charger on the unix port with its simulated board, and no server.
 charger: $(STAMP) $(UMQTT)
 	$(BIN)/evse-charger
 
@@ -64,4 +68,4 @@ check: $(STAMP)
 	$(BIN)/pyright --typeshedpath "$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" $(DEVICE_PY)
 
 clean:
-	rm -rf $(VENV) build .pytest_cache .hypothesis lib/umqtt
+	rm -rf $(VENV) build out .pytest_cache .hypothesis lib/umqtt

@@ -101,6 +101,12 @@ class _BoundedSocket:
     def connect(self, addr):
         self._s.settimeout(self._timeout_ms / 1000)
         self._s.connect(addr)
+        try:
+            # umqtt.simple writes each packet in pieces; without TCP_NODELAY
+            # Nagle holds the later pieces for an ACK (about 40 ms a packet).
+            self._s.setsockopt(6, 1, 1)     # IPPROTO_TCP, TCP_NODELAY
+        except (OSError, AttributeError):
+            pass
         if self._tls_wrap is not None:
             self._s = self._tls_wrap(self._s)
 

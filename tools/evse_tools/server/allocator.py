@@ -126,6 +126,7 @@ class Member:
     waiting_since: float | None = None     # S4: paused by rotation since
     target_a: float = 0.0
     binding: str = IDLE
+    online: bool = True                    # its retained online flag ("0": its last will)
 
     def last_sent(self) -> Sent | None:
         return self.sent[-1] if self.sent else None
@@ -216,6 +217,14 @@ class Allocator:
 
     # -- inputs ---------------------------------------------------------------
 
+    def on_online(self, member_id: str, online: bool) -> None:
+        """Take a member's ``online`` flag. ``"0"`` (its last will) does not
+        lower its worst case, which only the T_wd silence does (S1); it only
+        means its last state message is no sign of life after a restart (S6)."""
+        m = self.members.get(member_id)
+        if m is not None:
+            m.online = online
+
     def on_report(self, member_id: str, report: Report, now: float) -> None:
         """Take a charger's state message, received at ``now``."""
         m = self.members.get(member_id)
@@ -231,9 +240,10 @@ class Allocator:
         if report.ack_epoch == self.epoch and report.ack_seq is not None:
             acked = next((s for s in m.sent if s.seq == report.ack_seq), None)
             if acked is not None and (m.acked is None or acked.seq > m.acked.seq):
+                if m.acked is None or acked.current_a != m.acked.current_a:
+                    m.low_since = None       # a new level: judge the draw afresh (S5)
+                    m.ack_seen_at = now
                 m.acked = acked
-                m.ack_seen_at = now
-                m.low_since = None
                 m.sent = [s for s in m.sent if s.seq >= acked.seq]
         if prev is None or (prev.state in CONNECTED) != (report.state in CONNECTED):
             # A session began or ended: forget the taper and rotation history.
@@ -403,7 +413,7 @@ class Allocator:
         starts = self.start_currents(plan, now)
         offline = offline_currents(g.limit_a, list(self.members.values()), g.fair_offline)
         waiting_restart = self.restarted and now - self.started_at <= g.t_wd_s + MARGIN_S and any(
-            m.report is None for m in self.members.values())
+            m.report is None or not m.online for m in self.members.values())
         if self.restarted and not waiting_restart:
             self.restarted = False
         # Offline currents: decreases first, increases only while the stored
@@ -424,13 +434,12 @@ class Allocator:
                     off_sum += off - cur_off
             desired[m.id] = (target, off, start, why)
         cmds: list[Command] = []
-        # Decreases (and unchanged values) first.
+        # Whatever does not raise a member's worst case goes out at once
+        # (decreases first, S2); the rest waits for room in the ledger.
         increases = []
         for m in self.members.values():
             target, off, start, why = desired[m.id]
-            eff = _effective(target, m)
-            raises_worst = eff > m.hold_a or (why == IDLE and start > _start_stored(m))
-            if raises_worst:
+            if self._projected(m, target, start, why, now) > self.worst_a(m, now) + 1e-9:
                 increases.append(m)
                 continue
             m.target_a, m.binding = target, why
@@ -439,23 +448,32 @@ class Allocator:
         for m in sorted(increases, key=lambda m: (m.hold_a, m.id)):
             target, off, start, why = desired[m.id]
             if waiting_restart:
-                self._hold(m, RESTART, now, cmds)
+                self._hold(m, off, start, RESTART, now, cmds)
                 continue
             before = self.worst_a(m, now)
-            after = max(before, _effective(target, m), start if why == IDLE else 0.0)
+            after = self._projected(m, target, start, why, now)
             if self.ledger_a(now) - before + after <= g.breaker_a + 1e-9:
                 m.target_a, m.binding = target, why
                 self._maybe_send(m, target, off, start, now, cmds)
             else:
-                self._hold(m, BREAKER_TRANSIENT, now, cmds)
+                self._hold(m, off, start, BREAKER_TRANSIENT, now, cmds)
         return cmds
 
-    def _hold(self, m: Member, why: str, now: float, cmds: list[Command]) -> None:
-        """Keep the member where it is (no increase), refreshing its lease."""
+    def _projected(self, m: Member, target: float, start: float, why: str, now: float) -> float:
+        """Member ``m``'s worst case once ``target`` (and, if idle, ``start``) is sent."""
+        w = max(self.worst_a(m, now), _effective(target, m))
+        if why == IDLE:
+            w = max(w, start)
+        return w
+
+    def _hold(self, m: Member, off: float, start: float, why: str, now: float,
+              cmds: list[Command]) -> None:
+        """No increase for ``m`` now: keep its current setpoint, but let lower
+        offline and start currents through, and refresh its lease."""
         last = m.last_sent()
-        keep = last.current_a if last is not None else min(m.hold_a, m.unit_rating_a)
-        keep_start = min(last.start_a, _start_stored(m)) if last is not None else _start_stored(m)
-        keep_off = min(last.offline_a, _offline_stored(m)) if last is not None else _offline_stored(m)
+        keep = last.current_a if last is not None else 0.0
+        keep_start = min(start, _start_stored(m), last.start_a if last else start)
+        keep_off = min(off, _offline_stored(m), last.offline_a if last else off)
         m.target_a, m.binding = keep, why
         self._maybe_send(m, keep, keep_off, keep_start, now, cmds)
 

@@ -91,6 +91,8 @@ def build_parser():
     r.add_argument("--cafile", help="CA certificate for TLS")
     r.add_argument("--group", action="append", metavar="NAME",
                    help="serve only this group (repeatable; default: all)")
+    r.add_argument("--rotate-s", type=float, default=300.0, metavar="S",
+                   help="in a shortage, shortest time a pause rotation holds, s (default 300)")
     return p
 
 

@@ -1,0 +1,249 @@
+"""The load-group MQTT service: reports in, setpoints out (DESIGN.md §4).
+
+It subscribes to every member's ``<prefix>/<id>/state`` and ``online``,
+feeds the reports to one :class:`~evse_tools.server.allocator.Allocator` per
+group, publishes the setpoints it decides on ``<prefix>/<id>/set`` (QoS 1,
+never retained) and each group's ``loadgroup/<group>/state`` (QoS 1,
+retained), and records every setpoint in the database so that a restarted
+server can assume the worst (S6).
+
+At start it clears any retained message on the members' ``set`` and ``cmd``
+topics (a zero-length retained publish) and takes a new epoch, larger than
+any it used before. paho-mqtt's network thread only queues what arrives; all
+decisions happen on the main loop, every ``STEP_S``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import queue
+import signal
+import sys
+import time
+
+import paho.mqtt.client as mqtt
+
+from evse_tools.server.allocator import Allocator, GroupConfig, Member, Report, ROTATE_S
+from evse_tools.server.db import GroupStore
+
+STEP_S = 0.2
+"""Allocation period, s."""
+GROUP_STATE_S = 1.0
+"""Longest time between two group-state messages, s."""
+RELOAD_S = 5.0
+"""How often the installer's changes in the database are picked up, s."""
+STATES = ("A", "B", "C", "D", "E", "F")
+
+
+def parse_state(payload: bytes) -> Report:
+    """Validate a charger's state message; raise ValueError saying what is wrong."""
+    if len(payload) > 2048:
+        raise ValueError("state message longer than 2048 bytes")
+    try:
+        msg = json.loads(payload)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"not JSON: {exc}") from None
+    if not isinstance(msg, dict) or msg.get("v") != 1:
+        raise ValueError("not a v1 state object")
+    if msg.get("state") not in STATES:
+        raise ValueError(f"bad state {msg.get('state')!r}")
+
+    def amps(name, required=True):
+        x = msg.get(name)
+        if x is None and not required:
+            return None
+        if type(x) not in (int, float) or not math.isfinite(x) or x < 0 or x > 1000:
+            raise ValueError(f"bad {name} {x!r}")
+        return float(x)
+
+    def count(name):
+        x = msg.get(name)
+        if x is None:
+            return None
+        if type(x) is not int or x < 0:
+            raise ValueError(f"bad {name} {x!r}")
+        return x
+
+    fault = msg.get("fault")
+    if fault is not None and not isinstance(fault, str):
+        raise ValueError(f"bad fault {fault!r}")
+    relay = msg.get("relay")
+    return Report(state=msg["state"], measured_a=amps("measured_a"), pilot_a=amps("pilot_a"),
+                  ack_seq=count("ack_seq"), ack_epoch=count("ack_epoch"),
+                  offline_a=amps("offline_a", False), start_a=amps("start_a", False),
+                  fault=fault, relay=relay if isinstance(relay, bool) else None,
+                  session_wh=count("session_wh") or 0,
+                  limit_by=msg.get("limit_by") if isinstance(msg.get("limit_by"), str) else None)
+
+
+class Service:
+    """The running service for the groups in ``store`` (all, or ``only``)."""
+
+    def __init__(self, store: GroupStore, prefix: str = "evse", only: list[str] | None = None,
+                 rotate_s: float = ROTATE_S, out=print, clock=time.monotonic):
+        self.store = store
+        self.prefix = prefix
+        self.only = only
+        self.rotate_s = rotate_s
+        self.out = out
+        self.clock = clock
+        self.inbox: queue.Queue = queue.Queue()
+        self.allocators: dict[str, Allocator] = {}
+        self.member_group: dict[str, str] = {}
+        self.epoch = self._new_epoch()
+        self.rejected = 0
+        self._last_group_state: dict[str, float] = {}
+        self._last_reload = -1e9
+
+    def _new_epoch(self) -> int:
+        used = [m.last_epoch for g in self.store.list_groups() for m in g.members
+                if m.last_epoch is not None]
+        return max([int(time.time())] + [e + 1 for e in used])
+
+    def _groups(self):
+        groups = self.store.list_groups()
+        return [g for g in groups if not self.only or g.name in self.only]
+
+    def reload(self, now: float) -> None:
+        """Pick up groups and members the installer added, changed or removed."""
+        self._last_reload = now
+        seen = set()
+        for g in self._groups():
+            seen.add(g.name)
+            cfg = GroupConfig(g.name, float(g.breaker_a), float(g.limit_a), float(g.t_wd_s),
+                              g.fair_offline, self.rotate_s)
+            alloc = self.allocators.get(g.name)
+            if alloc is None:
+                members = []
+                for m in g.members:
+                    mem = Member(m.id, m.unit_rating_a, offline_a=m.offline_a, start_a=m.start_a)
+                    # S6: assume max(last setpoint, offline current) until it reports.
+                    mem.hold_a = max(m.last_setpoint_a or 0.0, m.offline_a)
+                    members.append(mem)
+                alloc = Allocator(cfg, members, self.epoch, now, restarted=True)
+                self.allocators[g.name] = alloc
+                self.out(f"group {g.name}: breaker {g.breaker_a} A, limit {g.limit_a} A, "
+                         f"{len(members)} members, epoch {self.epoch}")
+            else:
+                alloc.group = cfg
+                ids = {m.id for m in g.members}
+                for m in g.members:
+                    if m.id not in alloc.members:
+                        # A new member: until it reports, it may draw its start current.
+                        alloc.members[m.id] = Member(m.id, m.unit_rating_a, offline_a=m.offline_a,
+                                                     start_a=m.start_a, hold_a=m.offline_a)
+                    else:
+                        alloc.members[m.id].unit_rating_a = m.unit_rating_a
+                for mid in list(alloc.members):
+                    if mid not in ids:
+                        del alloc.members[mid]
+            for m in g.members:
+                self.member_group[m.id] = g.name
+        for name in list(self.allocators):
+            if name not in seen:
+                del self.allocators[name]
+        self.member_group = {m: g for m, g in self.member_group.items() if g in self.allocators}
+
+    # -- MQTT callbacks (paho's thread): only queue --------------------------------
+
+    def on_connect(self, client, userdata, flags, reason_code, properties=None):
+        if reason_code.is_failure:
+            self.out(f"broker refused the connection: {reason_code}")
+            return
+        client.subscribe([(f"{self.prefix}/+/state", 1), (f"{self.prefix}/+/online", 1)])
+        for mid in self.member_group:
+            # §4: set and cmd are never retained; clear any left by someone else.
+            client.publish(f"{self.prefix}/{mid}/set", b"", qos=1, retain=True)
+            client.publish(f"{self.prefix}/{mid}/cmd", b"", qos=1, retain=True)
+        self.out("connected to the broker")
+
+    def on_message(self, client, userdata, msg):
+        if msg.retain and msg.topic.endswith("/state"):
+            return   # a replay of an old report is no sign of life (S6); a fresh one comes within 5 s
+        self.inbox.put((msg.topic, msg.payload, self.clock()))
+
+    # -- main loop ---------------------------------------------------------------
+
+    def handle(self, topic: str, payload: bytes, at: float) -> None:
+        """Apply one received message."""
+        parts = topic.split("/")
+        if len(parts) != 3 or parts[0] != self.prefix:
+            return
+        mid, kind = parts[1], parts[2]
+        group = self.member_group.get(mid)
+        if group is None or not payload:
+            return
+        if kind == "online":
+            self.allocators[group].on_online(mid, payload == b"1")
+            return
+        if kind != "state":
+            return
+        try:
+            report = parse_state(payload)
+        except ValueError as exc:
+            self.rejected += 1
+            self.out(f"ignored state from {mid}: {exc}")
+            return
+        self.allocators[group].on_report(mid, report, at)
+
+    def step(self, client, now: float) -> None:
+        """One round: reload, take reports, allocate, publish."""
+        if now - self._last_reload >= RELOAD_S:
+            self.reload(now)
+        while True:
+            try:
+                topic, payload, at = self.inbox.get_nowait()
+            except queue.Empty:
+                break
+            self.handle(topic, payload, at)
+        wall = time.time()
+        for name, alloc in self.allocators.items():
+            for cmd in alloc.step(now):
+                client.publish(f"{self.prefix}/{cmd.member}/set", json.dumps(cmd.payload()), qos=1)
+                self.store.record_setpoint(cmd.member, cmd.current_a, cmd.seq, cmd.epoch, wall)
+                m = alloc.members[cmd.member]
+                self.out(f"set {cmd.member} {cmd.current_a:g} A ({m.binding}) offline "
+                         f"{cmd.offline_a:g} A start {cmd.start_a:g} A seq {cmd.seq}")
+                try:
+                    self.store.record_member_currents(cmd.member, cmd.offline_a, cmd.start_a)
+                except ValueError:
+                    pass
+            if now - self._last_group_state.get(name, -1e9) >= GROUP_STATE_S:
+                self._last_group_state[name] = now
+                client.publish(f"loadgroup/{name}/state", json.dumps(alloc.group_state(now)),
+                               qos=1, retain=True)
+
+
+def run(store: GroupStore, args) -> int:
+    """``evse-server run``: serve until SIGINT/SIGTERM. Returns the exit status."""
+    svc = Service(store, args.prefix, args.group, getattr(args, "rotate_s", None) or ROTATE_S,
+                  out=lambda s: print(time.strftime("%H:%M:%S"), s, flush=True))
+    svc.reload(svc.clock())
+    if not svc.allocators:
+        print("error: no load group to serve (create one with `evse-server group create`)",
+              file=sys.stderr)
+        return 1
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"evse-server-{svc.epoch}",
+                         protocol=mqtt.MQTTv311)
+    if args.username:
+        client.username_pw_set(args.username, args.password)
+    if args.tls:
+        client.tls_set(ca_certs=args.cafile)
+    client.on_connect = svc.on_connect
+    client.on_message = svc.on_message
+    client.reconnect_delay_set(1, 30)
+    host, port = args.broker
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
+    try:
+        client.connect_async(host, port, keepalive=30)
+        client.loop_start()
+        while not stop:
+            svc.step(client, svc.clock())
+            time.sleep(STEP_S)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        client.loop_stop()
+        client.disconnect()
+    return 0
