@@ -16,7 +16,8 @@ VOLTS = 240
 """Nominal single-phase supply, V (North American Level 2)."""
 
 
-def _check(name, value, lo, hi):
+def check_number(name, value, lo, hi):
+    """Raise ValueError unless ``value`` is a number (not a bool) in ``lo``..``hi``."""
     # bool is an int on CPython but not on MicroPython: reject it on both.
     if type(value) not in (int, float) or not lo <= value <= hi:
         raise ValueError("%s must be a number %s..%s, got %r" % (name, lo, hi, value))
@@ -34,11 +35,11 @@ class SimEv:
 
     def __init__(self, max_a=32, battery_wh=75000, soc=0.2, delay_ms=2000,
                  taper_soc=0.8, diode=True, name="ev"):
-        _check("max_a", max_a, 1, 80)
-        _check("battery_wh", battery_wh, 1000, 500000)
-        _check("soc", soc, 0, 1)
-        _check("delay_ms", delay_ms, 1000, 5000)
-        _check("taper_soc", taper_soc, 0.05, 0.99)
+        check_number("max_a", max_a, 1, 80)
+        check_number("battery_wh", battery_wh, 1000, 500000)
+        check_number("soc", soc, 0, 1)
+        check_number("delay_ms", delay_ms, 1000, 5000)
+        check_number("taper_soc", taper_soc, 0.05, 0.99)
         if type(diode) is not bool:
             raise ValueError("diode must be true or false")
         if type(name) is not str or not 0 < len(name) <= 32:

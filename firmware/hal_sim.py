@@ -182,7 +182,7 @@ class UdpControl:
             pass
 
     def _handle(self, data, addr):
-        from firmware.ev_model import SimEv, _check
+        from firmware.ev_model import SimEv, check_number
         try:
             msg = json.loads(data)
             if type(msg) is not dict:
@@ -201,17 +201,17 @@ class UdpControl:
             elif cmd == "unplug":
                 b.unplug()
             elif cmd == "soc":
-                _check("soc", msg["soc"], 0, 1)
+                check_number("soc", msg["soc"], 0, 1)
                 b.ev.soc = msg["soc"]
             elif cmd == "wants":
                 if type(msg["wants"]) is not bool:
                     raise ValueError("wants must be true or false")
                 b.ev.wants = msg["wants"]
             elif cmd == "glitch":
-                _check("mv", msg["mv"], -20000, 20000)
+                check_number("mv", msg["mv"], -20000, 20000)
                 b.glitch_mv = int(msg["mv"])
             elif cmd == "temp":
-                _check("c", msg["c"], -40, 150)
+                check_number("c", msg["c"], -40, 150)
                 b.temp = float(msg["c"])
             elif cmd == "setpoint":
                 p = msg["payload"]

@@ -166,7 +166,7 @@ class PilotReader:
         self.diode_ok = False
         self.high_mv = 0
         self.low_mv = 0
-        self._recent = [None] * WINDOW
+        self._recent = [""] * WINDOW   # "": no sample yet (never a classification)
         self._pos = 0
         self._diode_count = 0
 

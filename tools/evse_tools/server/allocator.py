@@ -177,7 +177,9 @@ def _connected(m: Member) -> bool:
 def water_fill(budget: float, caps: dict[str, float]) -> dict[str, float]:
     """Max-min fair split of ``budget`` (A) over members with ``caps`` (A):
     equal shares, and what a capped member cannot take goes to the others.
-    Shares are whole amps (rounded down), so the sum never exceeds the budget."""
+    Shares are whole amps; the amps that rounding down leaves over go one each
+    to the uncapped members in id order, so the sum is the budget (or all the
+    caps), never more."""
     alloc: dict[str, float] = {}
     left = dict(caps)
     remaining = budget
@@ -185,8 +187,9 @@ def water_fill(budget: float, caps: dict[str, float]) -> dict[str, float]:
         share = remaining / len(left)
         capped = {k: c for k, c in left.items() if c <= share}
         if not capped:
-            for k in left:
-                alloc[k] = float(math.floor(share))
+            spare = int(remaining - math.floor(share) * len(left) + 1e-9)
+            for i, k in enumerate(sorted(left)):
+                alloc[k] = float(math.floor(share) + (1 if i < spare else 0))
             break
         for k, c in capped.items():
             alloc[k] = float(c)
