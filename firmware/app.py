@@ -11,8 +11,10 @@ writes outputs that changed, and feeds the hardware watchdog. Network code
 (issue 3) hands messages to :meth:`Charger.on_setpoint` between ticks.
 """
 from firmware import evse as _evse
+from firmware.faults import FaultLog
 from firmware.limit import LimitArbiter
 from firmware.pilot import PilotReader
+from firmware.safety import Safety
 
 TICK_MS = 10
 """Control tick period, ms. With 3-sample debounce a pilot change is acted on
@@ -26,7 +28,10 @@ class Charger:
     (:class:`firmware.limit.LimitArbiter`), ``reader``
     (:class:`firmware.pilot.PilotReader`), ``limit_a``/``limit_by`` of the
     last tick, ``events`` (the last 32 ``(tick_ms, text)`` log entries),
-    ``uptime_s`` (s, counted tick by tick so that it survives the tick wrap)."""
+    ``uptime_s`` (s, counted tick by tick so that it survives the tick wrap),
+    ``safety`` (:class:`firmware.safety.Safety`), ``fault_log``
+    (:class:`firmware.faults.FaultLog`, next to the settings file),
+    ``reset_reason`` (why the board last reset, from the board)."""
 
     def __init__(self, hal, clock, settings, log=None):
         self.hal = hal
@@ -37,6 +42,9 @@ class Charger:
         self.arbiter = LimitArbiter(clock, settings, now)
         self.evse = _evse.Evse(clock)
         self.reader = PilotReader()
+        self.fault_log = FaultLog(settings.path[:-len("settings.json")] + "faults.json", settings.fs)
+        self.safety = Safety(clock, self._record_fault)
+        self.reset_reason = hal.reset_cause()
         self.limit_a = 0
         self.limit_by = "start"
         self.events = []
@@ -45,6 +53,7 @@ class Charger:
         self._last_tick = now
         self._charge_mams = 0    # session charge, mA x ms below one mAh
         self._session_mah = 0
+        self._new_faults = []
         self._pilot = None   # what the hardware was last told
         self._duty = -1
         self._offer_a = 0
@@ -54,6 +63,9 @@ class Charger:
         self._relay = False
         for problem in settings.problems:
             self.log(problem)
+        self.log("boot: reset reason %s" % self.reset_reason)
+        if self.reset_reason == "watchdog" or self.reset_reason.startswith("crash"):
+            self.fault_log.add(0, "reset", self.reset_reason)
 
     def log(self, text):
         """Record an event (kept in :attr:`events`, also passed to the log sink)."""
@@ -78,23 +90,30 @@ class Charger:
         return True
 
     def reset_fault(self):
-        """Clear a latched fault (after its 300 ms in state F). Returns True when
-        no fault remains. Without a fault it touches nothing: a running session
-        must not be restarted by a stray reset."""
+        """Clear a latched fault or a lockout (after its 300 ms in state F), as
+        the remote ``reset_fault`` command does. Returns True when no fault
+        remains. Without a fault it touches nothing: a running session must
+        not be restarted by a stray reset."""
         if self.evse.fault is None:
             return True
-        if self.evse.clear_fault(self.clock.ticks_ms()):
+        if self.safety.reset(self.evse, self.clock.ticks_ms()):
             self.reader = PilotReader()
+            self.log("fault reset")
             return True
         return False
+
+    def _record_fault(self, code, detail):
+        self._new_faults.append((code, detail))
 
     def tick(self):
         """Run one control tick. Never blocks."""
         now = self.clock.ticks_ms()
         self._count_time(now)
         evse = self.evse
-        high, low = self.hal.read_pilot()
-        state = self.reader.update(high, low, self._pilot == _evse.PILOT_PWM)
+        hal = self.hal
+        pwm_on = self._pilot == _evse.PILOT_PWM
+        high, low = hal.read_pilot()
+        state = self.reader.update(high, low, pwm_on)
         was_fault = evse.fault
         evse.edge(state, now)
         if evse.session_started:
@@ -104,17 +123,29 @@ class Charger:
             self.log("session start: EV in %s" % state)
         elif evse.session_ended:
             self.log("session end: EV in %s" % state)
+            if evse.fault is None:
+                self.safety.session_ended()
+        if self.safety.step(now, evse, hal, self._relay, self.pilot_a(), hal.measured_a(),
+                            self.reader.diode_ok, pwm_on):
+            self.reader = PilotReader()     # retry: read the EV afresh, new session
         if evse.fault != was_fault:
-            self.log("fault %s" % evse.fault)
-        self.arbiter.fault = evse.fault
-        amps, why = self.arbiter.limit(now)
+            self.log("fault %s%s" % (evse.fault, " (lockout)" if self.safety.lockout else "")
+                     if evse.fault else "fault cleared")
+        arbiter = self.arbiter
+        arbiter.fault = evse.fault
+        arbiter.thermal_level = self.safety.derate.level
+        amps, why = arbiter.limit(now)
         if amps != self.limit_a or why != self.limit_by:
             self.log("limit %s A (%s)" % (amps, why))
         self.limit_a = amps
         self.limit_by = why
-        evse.outputs(amps, self.reader.diode_ok, now)
-        self._apply()
-        self.hal.feed_wdt()
+        may_close = self.safety.may_close(now, hal, evse, evse.wants_close(amps, self.reader.diode_ok))
+        evse.outputs(amps, self.reader.diode_ok, now, may_close)
+        self._apply(now)
+        hal.feed_wdt()
+        while self._new_faults:   # after the outputs: the contactor is already open
+            code, detail = self._new_faults.pop(0)
+            self.fault_log.add(self.uptime_s, code, detail)
 
     def _count_time(self, now):
         # Uptime and session energy, integer arithmetic only: ESP32 floats are
@@ -138,15 +169,18 @@ class Charger:
         the measured current at the nominal supply voltage ``supply_v``."""
         return self._session_mah * self.settings["supply_v"] // 1000
 
-    def _apply(self):
+    def _apply(self, now):
         # Open the contactor before touching the pilot, close it after.
         evse = self.evse
         hal = self.hal
         if self._relay and not evse.relay:
             hal.set_relay(False)
             self._relay = False
+            self.safety.contactor(False, now)
             self.log("contactor open")
         if evse.pilot != self._pilot or (evse.pilot == _evse.PILOT_PWM and evse.duty != self._duty):
+            if self._pilot == _evse.PILOT_LOW and evse.fault is not None:
+                self.reader = PilotReader()   # state F held: read the EV again
             if evse.pilot == _evse.PILOT_PWM:
                 hal.pilot_pwm(evse.duty)
             elif evse.pilot == _evse.PILOT_LOW:
@@ -159,6 +193,7 @@ class Charger:
         if evse.relay and not self._relay:
             hal.set_relay(True)
             self._relay = True
+            self.safety.contactor(True, now)
             self.log("contactor closed")
 
     def pilot_a(self):
@@ -169,8 +204,8 @@ class Charger:
         """Snapshot for reports and diagnostics: a dict with ``state``,
         ``pilot_a``, ``duty_u16``, ``relay``, ``measured_a``, ``limit_a``,
         ``limit_by``, ``ack_seq``, ``epoch``, ``lease_age_ms``, ``online``,
-        ``offline_a``, ``start_a``, ``t_wd_s``, ``fault``, ``high_mv``,
-        ``low_mv``, ``diode_ok``."""
+        ``offline_a``, ``start_a``, ``t_wd_s``, ``fault``, ``lockout``,
+        ``temp_c``, ``reset_reason``, ``high_mv``, ``low_mv``, ``diode_ok``."""
         now = self.clock.ticks_ms()
         s = self.settings
         a = self.arbiter
@@ -190,6 +225,9 @@ class Charger:
             "start_a": s["start_a"],
             "t_wd_s": s["t_wd_s"],
             "fault": self.evse.fault,
+            "lockout": self.safety.lockout,
+            "temp_c": self.hal.temp_c(),
+            "reset_reason": self.reset_reason,
             "high_mv": self.reader.high_mv,
             "low_mv": self.reader.low_mv,
             "diode_ok": self.reader.diode_ok,

@@ -30,7 +30,8 @@ class SimEv:
     ``diode`` False to model a missing pilot diode, ``name`` for reports.
 
     State: ``plugged`` (bool), ``wants`` (False to hold in B), ``drawn_a`` (A),
-    ``energy_wh`` (float, delivered this plug-in), ``soc``.
+    ``energy_wh`` (float, delivered this plug-in), ``soc``, ``overdraw_a``
+    (None, or the current a faulty EV draws whatever it is offered, A).
     """
 
     def __init__(self, max_a=32, battery_wh=75000, soc=0.2, delay_ms=2000,
@@ -53,6 +54,7 @@ class SimEv:
         self.name = name
         self.plugged = True
         self.wants = True
+        self.overdraw_a = None    # a faulty EV: draws this whatever it is offered
         self.drawn_a = 0.0
         self.energy_wh = 0.0
         self._seen_a = 0.0        # what the EV reads from the pilot now
@@ -87,7 +89,9 @@ class SimEv:
             self._pending.append((self._elapsed + self.delay_ms, seen))
         while self._pending and self._pending[0][0] <= self._elapsed:
             self._target_a = self._pending.pop(0)[1]
-        if powered and self.plugged and self.wants:
+        if powered and self.plugged and self.overdraw_a is not None:
+            a = float(self.overdraw_a)
+        elif powered and self.plugged and self.wants:
             a = min(self._target_a, self.max_a, self.taper_a())
         else:
             a = 0.0

@@ -12,7 +12,10 @@ Rules (DESIGN.md §3, IEC 61851-1 Table A.6):
   leaves C/D or a fault latches, and closes on the first tick the conditions
   hold (well inside the 3 s of sequence 4).
 * C8: "not offering" is a static +12 V pilot; a fault is a static -12 V pilot
-  (state F) held for at least 300 ms with the contactor open.
+  (state F) held for at least 300 ms with the contactor open. After those
+  300 ms the pilot goes to static +12 V (still not offering, contactor still
+  open) so that the EV's state can be read again: an unplug must be seen to
+  end a session that ended with a fault, and a retry needs the state.
 * C10: a car already in C at boot is simply a new session: start current, then
   the contactor once the diode check passes. No fault is latched.
 * Pause in C: PWM stops at once; the contactor stays closed for at most 6 s so
@@ -33,7 +36,7 @@ FAULT_HOLD_MS = 300
 PAUSE_OPEN_MS = 6000
 """Longest the contactor stays closed after PWM stops in C (Table A.6), ms."""
 
-# Fault codes of the pilot itself (stable: reported to the server).
+# Fault codes of the pilot itself (stable: reported to the server, see faults.py).
 FAULT_PILOT_E = "pilot_e"          # pilot shorted to 0 V (state E)
 FAULT_PILOT_LEVEL = "pilot_level"  # a level in no J1772 window
 FAULT_PILOT_F = "pilot_f"          # pilot held at -12 V by something else
@@ -83,16 +86,17 @@ class Evse:
         when cleared; the pilot is then re-read from scratch."""
         if self.fault is None:
             return True
-        if not self._held(now):
+        if not self.held(now):
             return False
         self.fault = None
         self.state = None
         self.pilot = PILOT_HIGH
         return True
 
-    def _held(self, now):
-        # Latched, so that a fault older than 2^29 ms (negative ticks_diff)
-        # can still be cleared (C6).
+    def held(self, now):
+        """True once the latched fault has held state F for 300 ms (C8).
+        Latched, so that a fault older than 2^29 ms (a negative ticks_diff)
+        still counts as held (C6)."""
         if not self._fault_held:
             age = self.clock.ticks_diff(now, self._fault_at)
             self._fault_held = age < 0 or age >= FAULT_HOLD_MS
@@ -105,7 +109,14 @@ class Evse:
         prev = self.state
         self.session_started = False
         self.session_ended = False
-        if self.fault is not None or state == prev:
+        if self.fault is not None:
+            # While faulted only follow the EV (unplug), once the pilot is
+            # readable again; no new trips, no sessions.
+            if self._fault_held and state is not None and state != prev:
+                self.state = state
+                self.session_ended = prev in _CONNECTED and state not in _CONNECTED
+            return
+        if state == prev:
             return
         self.state = state
         if state == "E":
@@ -119,15 +130,22 @@ class Evse:
         elif state not in _CONNECTED and prev in _CONNECTED:
             self.session_ended = True
 
-    def outputs(self, amps, diode_ok, now):
+    def wants_close(self, amps, diode_ok):
+        """True when everything but the GFCI self-test allows closing the
+        contactor now (C7): state C or D, current offered, diode check passed,
+        no fault, contactor open."""
+        return (self.fault is None and not self.relay and self.state in _CHARGING
+                and diode_ok and _pilot.duty_u16(amps) > 0)
+
+    def outputs(self, amps, diode_ok, now, may_close=True):
         """Set the outputs for this tick from the limit in force ``amps`` (A, 0 =
-        do not offer) and the diode check. Returns nothing; read the attributes."""
+        do not offer), the diode check, and ``may_close`` (the GFCI self-test
+        passed). Returns nothing; read the attributes."""
         if self.fault is not None:
             self.relay = False
-            self.pilot = PILOT_LOW
+            self.pilot = PILOT_HIGH if self.held(now) else PILOT_LOW
             self.duty = 0
             self.offer_a = 0
-            self._held(now)
             return
         state = self.state
         duty = _pilot.duty_u16(amps) if state in _CONNECTED else 0
@@ -143,7 +161,7 @@ class Evse:
             self.relay = False
             self._pwm_off_at = None
         elif not self.relay:
-            self.relay = bool(duty) and diode_ok
+            self.relay = bool(duty) and diode_ok and may_close
         elif duty:
             self._pwm_off_at = None
         else:

@@ -28,6 +28,11 @@ class Board:
     * ``measured_a()`` -> current drawn through the contactor, A (float >= 0).
     * ``temp_c()`` -> board temperature, degrees C.
     * ``gfci_tripped()`` -> True while the CCID reports residual current.
+    * ``relay_sense()`` -> True while the contactor's output side is live
+      (after an open: a welded contact).
+    * ``ground_ok()`` -> True while the ground check sees protective earth.
+    * ``reset_cause()`` -> why the board last reset (``power_on``,
+      ``watchdog``, ``crash: ...``), read once at boot.
 
     Outputs:
 
@@ -61,6 +66,15 @@ class Board:
         raise NotImplementedError
 
     def gfci_test(self, on):
+        raise NotImplementedError
+
+    def relay_sense(self):
+        raise NotImplementedError
+
+    def ground_ok(self):
+        raise NotImplementedError
+
+    def reset_cause(self):
         raise NotImplementedError
 
     def feed_wdt(self):

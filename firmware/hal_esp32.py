@@ -30,6 +30,7 @@ All ADC inputs are on ADC1 (GPIO32-39): ADC2 fails while WiFi is on.
 import math
 
 import esp32
+import machine
 from machine import ADC, PWM, RTC, WDT, Pin, Timer
 from micropython import const
 
@@ -41,6 +42,8 @@ _PILOT_OUT = const(25)   # pilot driver input: 1 = +12 V, 0 = -12 V, or 1 kHz PW
 _RELAY = const(26)       # contactor coil driver: 1 = closed
 _GFCI_TRIP = const(27)   # CCID20 trip output, input with pull-up: 1 = tripped
 _GFCI_TEST = const(13)   # CCID20 self-test winding driver: 1 = test current on
+_RELAY_SENSE = const(32) # opto on the contactor's output side: 0 = output live (pulled up)
+_GROUND_OK = const(33)   # ground-check circuit (L1 to PE through an opto): 0 = ground present
 _PILOT_ADC = const(36)   # ADC1_CH0 (SENSOR_VP): pilot sense
 _CT_ADC = const(39)      # ADC1_CH3 (SENSOR_VN): current transformer
 _NTC_ADC = const(34)     # ADC1_CH6: board temperature NTC
@@ -110,6 +113,8 @@ class Esp32Board(Board):
         self._pwm = None
         self._gfci_test = Pin(_GFCI_TEST, Pin.OUT, value=0)
         self._gfci_in = Pin(_GFCI_TRIP, Pin.IN, Pin.PULL_UP)
+        self._relay_sense = Pin(_RELAY_SENSE, Pin.IN, Pin.PULL_UP)
+        self._ground = Pin(_GROUND_OK, Pin.IN, Pin.PULL_UP)
         self._gfci_seen = False
         self._gfci_in.irq(handler=self._on_gfci, trigger=Pin.IRQ_RISING)
         self._pilot_adc = ADC(Pin(_PILOT_ADC), atten=ADC.ATTN_11DB)
@@ -229,6 +234,34 @@ class Esp32Board(Board):
         seen = self._gfci_seen
         self._gfci_seen = False
         return seen or self._gfci_in.value() == 1
+
+    def relay_sense(self):
+        """True while the contactor's output side is live (AC opto); after an
+        open this means a welded contact. A broken opto (pulled up) reads
+        "not live", so the ground check after the next close catches it."""
+        return self._relay_sense.value() == 0
+
+    def ground_ok(self):
+        """True while the ground check sees protective earth (checked after
+        every close). An unwired input (pulled up) reads "no ground": safe."""
+        return self._ground.value() == 0
+
+    def reset_cause(self):
+        """Why the board last reset: the reason written before a deliberate
+        reset (a crash, an OTA), else ``watchdog``, ``power_on``, ``hard``,
+        ``soft`` or ``deepsleep`` from ``machine.reset_cause()``. Clears the
+        stored reason, so that the next reset reports afresh."""
+        text = self.read_reset_reason()
+        self.write_reset_reason("")
+        if text:
+            return text
+        cause = machine.reset_cause()
+        for name, label in (("WDT_RESET", "watchdog"), ("PWRON_RESET", "power_on"),
+                            ("HARD_RESET", "hard"), ("SOFT_RESET", "soft"),
+                            ("DEEPSLEEP_RESET", "deepsleep")):
+            if cause == getattr(machine, name, None):
+                return label
+        return "unknown (%d)" % cause
 
     # --- outputs
 

@@ -27,7 +27,10 @@ class SimBoard(Board):
     ``(tick_ms, mode, duty)`` for every pilot write, oldest first, last 64),
     ``wdt_feeds`` (count). Injected state: ``ev`` (:class:`SimEv` or None),
     ``temp`` (degrees C), ``glitch_mv`` (next pilot sample's high level, once),
-    ``gfci`` (True while a residual current flows).
+    ``gfci`` (True while a residual current flows), ``selftest_works`` (False:
+    the CCID ignores its test winding), ``welded`` (the output stays live
+    after an open), ``ground`` (False: no protective earth), ``reset_reason``
+    (what :meth:`reset_cause` reports at the next boot).
     """
 
     def __init__(self, clock):
@@ -42,6 +45,12 @@ class SimBoard(Board):
         self.glitch_mv = None
         self.gfci = False
         self.gfci_test_on = False
+        self.selftest_works = True    # False: the CCID ignores its test current
+        self.welded = False           # True: the output stays live after an open
+        self.ground = True            # False: protective earth missing
+        self.reset_reason = "power_on"
+        self.wdt_timeout_ms = 5000    # as the ESP32 board's machine.WDT
+        self._fed_at = None
         self._last_step = clock.ticks_ms()
 
     # -- simulation ------------------------------------------------------------
@@ -63,7 +72,7 @@ class SimBoard(Board):
         dt = self.clock.ticks_diff(now, self._last_step)
         self._last_step = now
         if self.ev is not None and dt > 0:
-            self.ev.step(dt, self.duty if self.pilot_mode == "pwm" else 0, self.relay)
+            self.ev.step(dt, self.duty if self.pilot_mode == "pwm" else 0, self.relay or self.welded)
 
     def _record(self, mode, duty):
         self.pilot_mode = mode
@@ -103,7 +112,7 @@ class SimBoard(Board):
         self.relay = bool(closed)
 
     def measured_a(self):
-        if self.relay and self.ev is not None:
+        if (self.relay or self.welded) and self.ev is not None:
             return self.ev.drawn_a
         return 0.0
 
@@ -111,13 +120,42 @@ class SimBoard(Board):
         return self.temp
 
     def gfci_tripped(self):
-        return self.gfci or self.gfci_test_on
+        return self.gfci or (self.gfci_test_on and self.selftest_works)
+
+    def relay_sense(self):
+        return self.relay or self.welded
+
+    def ground_ok(self):
+        return self.ground
+
+    def reset_cause(self):
+        return self.reset_reason
 
     def gfci_test(self, on):
         self.gfci_test_on = bool(on)
 
     def feed_wdt(self):
         self.wdt_feeds += 1
+        self._fed_at = self.clock.ticks_ms()
+
+    # -- the hardware watchdog and resets ----------------------------------------
+
+    def wdt_expired(self):
+        """True when the watchdog, started by the first feed, has not been fed
+        for ``wdt_timeout_ms``: the real board would reset now."""
+        if self._fed_at is None:
+            return False
+        return self.clock.ticks_diff(self.clock.ticks_ms(), self._fed_at) >= self.wdt_timeout_ms
+
+    def hardware_reset(self, reason):
+        """What a reset does to the board: outputs back to their power-up state
+        (contactor open, pilot static +12 V, test winding off), the watchdog
+        stopped, and ``reason`` kept for :meth:`reset_cause` (RTC memory)."""
+        self.relay = False
+        self.gfci_test_on = False
+        self._record("high", 0)
+        self._fed_at = None
+        self.reset_reason = reason
 
 
 class UdpControl:

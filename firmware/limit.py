@@ -11,6 +11,7 @@ every comparison goes through ``clock.ticks_diff`` so that the ESP32 tick wrap
 (2^30 ms) is harmless (C6).
 """
 from firmware import setpoint as _setpoint
+from firmware import thermal as _thermal
 
 MIN_A = 6
 """Smallest offer (A); a limit below it pauses (C3, S4)."""
@@ -35,9 +36,9 @@ class LimitArbiter:
     to its offline current ``T_wd`` after boot.
 
     Public state: ``epoch``/``ack_seq`` of the last setpoint applied (None
-    before the first), ``fault`` (code or None), ``thermal_a`` (cap in A or
-    None), ``rejected`` (count of refused messages) and ``last_error`` (why the
-    latest one was refused).
+    before the first), ``fault`` (code or None), ``thermal_level`` (0..2, see
+    :mod:`firmware.thermal`), ``rejected`` (count of refused messages) and
+    ``last_error`` (why the latest one was refused).
     """
 
     def __init__(self, clock, settings, now):
@@ -46,7 +47,7 @@ class LimitArbiter:
         self.epoch = None
         self.ack_seq = None
         self.fault = None
-        self.thermal_a = None
+        self.thermal_level = 0
         self.rejected = 0
         self.last_error = None
         self._setpoint_a = None   # None: no allocation yet in this session (C2)
@@ -126,6 +127,7 @@ class LimitArbiter:
         ``amps`` is 0 (do not offer) or 6..80 A; ``reason`` is one of
         ``start``, ``setpoint``, ``offline``, ``unit``, ``thermal``, ``pause``,
         ``fault``. Rule (C1): min(unit rating, installer max, limit in force),
+        then derated by temperature (C9: half, a quarter but never below 6 A),
         where the limit in force is the server's setpoint while the lease holds,
         the start current before the first setpoint of a session, and the
         offline current once the lease expired (never above the start current
@@ -145,8 +147,10 @@ class LimitArbiter:
         cap = min(s["unit_rating_a"], s["installer_max_a"])
         if amps > cap:
             amps, why = cap, UNIT
-        if self.thermal_a is not None and amps > self.thermal_a:
-            amps, why = self.thermal_a, THERMAL
+        if self.thermal_level:
+            derated = _thermal.cap(amps, self.thermal_level)
+            if derated < amps:
+                amps, why = derated, THERMAL
         if amps < MIN_A:
             return 0, PAUSE
         return amps, why

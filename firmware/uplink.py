@@ -13,10 +13,13 @@ of 0.5 A or more), at most every 250 ms, and at least every 5 s::
     {"v": 1, "seq": 118, "uptime_s": 3605, "state": "C", "pilot_a": 20,
      "measured_a": 19.8, "limit_by": "setpoint", "ack_seq": 42, "ack_epoch": 7,
      "offline_a": 8, "start_a": 8, "t_wd_s": 30, "session_wh": 5230,
-     "temp_c": 41.5, "fault": null, "relay": true, "fw": "0.3.0"}
+     "temp_c": 41.5, "fault": null, "lockout": false, "relay": true,
+     "reset_reason": "power_on", "fw": "0.4.0"}
 
-``ack_epoch`` and ``relay`` extend the contract compatibly: ``relay`` lets the
-server see the contactor open before it frees a faulted member's budget.
+``ack_epoch``, ``relay``, ``lockout`` and ``reset_reason`` extend the
+contract compatibly: ``relay`` lets the server see the contactor open before
+it frees a faulted member's budget; ``lockout`` says the fault will not
+retry by itself; ``reset_reason`` says why the charger last booted.
 """
 import json
 
@@ -105,7 +108,7 @@ class Uplink:
             gap = MAX_GAP_MS
         st = c.status()
         key = (st["state"], st["pilot_a"], st["limit_by"], st["ack_seq"], st["fault"],
-               st["relay"], st["offline_a"], st["start_a"])
+               st["lockout"], st["relay"], st["offline_a"], st["start_a"])
         moved = abs(st["measured_a"] - self._last_measured) >= 0.5
         if key == self._last_key and not moved and gap < MAX_GAP_MS:
             return
@@ -115,8 +118,9 @@ class Uplink:
             "pilot_a": st["pilot_a"], "measured_a": round(st["measured_a"], 1),
             "limit_by": st["limit_by"], "ack_seq": st["ack_seq"], "ack_epoch": st["epoch"],
             "offline_a": st["offline_a"], "start_a": st["start_a"], "t_wd_s": st["t_wd_s"],
-            "session_wh": c.session_wh(), "temp_c": c.hal.temp_c(), "fault": st["fault"],
-            "relay": st["relay"], "fw": self.fw,
+            "session_wh": c.session_wh(), "temp_c": st["temp_c"], "fault": st["fault"],
+            "lockout": st["lockout"], "relay": st["relay"], "reset_reason": st["reset_reason"],
+            "fw": self.fw,
         }
         if self.link.offer_state(json.dumps(msg).encode()):
             self._last_key = key

@@ -1,2 +1,2 @@
-FW = "0.3.0"
+FW = "0.4.0"
 """Firmware version, reported as ``fw`` in the state message."""

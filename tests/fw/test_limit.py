@@ -224,8 +224,14 @@ def test_fault_forces_zero_whatever_the_setpoint():
     assert a.limit(clock.ticks_ms()) == (0, "fault")
 
 
-def test_thermal_cap_binds_below_setpoint():
+def test_thermal_derating_halves_then_quarters_but_never_below_6a():
     a, clock = arbiter()
     a.offer(setpoint(1, 40), clock.ticks_ms())
-    a.thermal_a = 20
+    a.thermal_level = 1
     assert a.limit(clock.ticks_ms()) == (20, "thermal")
+    a.thermal_level = 2
+    assert a.limit(clock.ticks_ms()) == (10, "thermal")
+    a.offer(setpoint(2, 16), clock.ticks_ms())
+    assert a.limit(clock.ticks_ms()) == (6, "thermal")      # 16 / 4 = 4 -> 6 A
+    a.offer(setpoint(3, 6), clock.ticks_ms())
+    assert a.limit(clock.ticks_ms()) == (6, "setpoint")

@@ -1,0 +1,216 @@
+"""Safety supervision a vendor would ship (C9): GFCI self-test and trips,
+relay weld and ground checks, EV over-current, the diode check, temperature
+derating, and each fault's recovery (retry, lockout, unplug, condition).
+
+Pure logic driven once per control tick by :class:`firmware.app.Charger`;
+the hardware is read through the board interface (:mod:`firmware.hal`) and
+faults are latched in the state machine (:meth:`firmware.evse.Evse.trip`).
+Time is the injected clock's ticks (ms), compared with ``ticks_diff`` only.
+"""
+from firmware import faults, thermal
+
+SELFTEST_TRIP_MS = 200
+"""The CCID must report the test current within this, ms."""
+SELFTEST_CLEAR_MS = 500
+"""...and clear within this once the test current stops, ms."""
+SELFTEST_VALID_MS = 2000
+"""A passed self-test allows a close within this, ms."""
+RELAY_SETTLE_MS = 200
+"""Time for the contactor to move before its weld or ground check, ms."""
+OVERCURRENT_MS = 7000
+"""C9: the EV may exceed its offer + max(2 A, 10 %) at most this long, ms."""
+DIODE_MS = 1000
+"""PWM running this long in B, C or D without a -12 V low level: diode fault, ms."""
+
+_IDLE = 0
+_TESTING = 1
+_RELEASING = 2
+_PASSED = 3
+
+
+class Safety:
+    """The supervision state of one charger. ``clock`` provides ``ticks_diff``
+    and ``ticks_add``; ``record(code, detail)`` is called for every new fault
+    (the persisted fault log).
+
+    Public: ``lockout`` (bool), ``retries`` (this session's retries), ``derate``
+    (:class:`firmware.thermal.Derate`), ``retry_at`` (tick of the next retry or
+    None), ``selftests`` (count passed).
+    """
+
+    def __init__(self, clock, record=None):
+        self.clock = clock
+        self.record = record
+        self.lockout = False
+        self.retries = 0
+        self.retry_at = None
+        self.derate = thermal.Derate()
+        self.selftests = 0
+        self._phase = _IDLE
+        self._phase_at = 0
+        self._closed_at = None
+        self._ground_check_at = None
+        self._weld_check_at = None
+        self._over_since = None
+        self._diode_since = None
+
+    def _diff(self, a, b):
+        return self.clock.ticks_diff(a, b)
+
+    # -- trips and recovery -------------------------------------------------------
+
+    def trip(self, evse, code, now, detail=""):
+        """Latch ``code`` in ``evse`` and decide how it ends (see
+        :mod:`firmware.faults`). A second trip while faulted is ignored."""
+        if evse.fault is not None:
+            return
+        evse.trip(code, now)
+        pol = faults.policy(code)
+        self.retry_at = None
+        if pol == faults.LOCKOUT:
+            self.lockout = True
+        elif pol == faults.RETRY:
+            early = (code == faults.GFCI and self._closed_at is not None
+                     and self._diff(now, self._closed_at) < faults.EARLY_TRIP_MS)
+            if early or self.retries >= faults.MAX_RETRIES:
+                self.lockout = True
+            else:
+                self.retries += 1
+                self.retry_at = self.clock.ticks_add(now, faults.RETRY_AFTER_MS)
+        if self.record:
+            self.record(code, ("lockout " if self.lockout else "") + detail)
+
+    def reset(self, evse, now):
+        """Remote ``reset_fault`` (or the technician's): clears a lockout and
+        the retry count, then the fault itself once it has been held 300 ms.
+        Returns True when no fault remains."""
+        if evse.fault is None:
+            return True
+        if not evse.clear_fault(now):
+            return False
+        self.lockout = False
+        self.retries = 0
+        self.retry_at = None
+        return True
+
+    def _recover(self, evse, now, level):
+        code = evse.fault
+        if self.lockout or not evse.held(now):
+            return False
+        pol = faults.policy(code)
+        if pol == faults.RETRY:
+            due = self.retry_at is not None and self._diff(now, self.retry_at) >= 0
+        elif pol == faults.UNPLUG:
+            due = evse.state == "A"
+        elif pol == faults.CONDITION:
+            due = level < thermal.STOP
+        else:
+            due = False
+        if due:
+            self.retry_at = None
+            return evse.clear_fault(now)
+        return False
+
+    # -- the tick -----------------------------------------------------------------
+
+    def step(self, now, evse, board, relay, offer_a, measured_a, diode_ok, pwm_on):
+        """Supervise one tick. ``relay``: the contactor as last driven;
+        ``offer_a``: what the pilot offers (A); ``measured_a``: what flows (A);
+        ``diode_ok``/``pwm_on``: the pilot reader's diode check and whether
+        PWM runs. Trips ``evse`` on a fault; returns True when a fault cleared
+        this tick (the caller then re-reads the pilot from scratch)."""
+        level = self.derate.update(board.temp_c())
+        if evse.fault is not None:
+            self._over_since = None
+            self._diode_since = None
+            return self._recover(evse, now, level)
+        if level >= thermal.STOP:
+            self.trip(evse, faults.OVER_TEMP, now, "%.1f C" % board.temp_c())
+            return False
+        if self._phase in (_IDLE, _PASSED) and board.gfci_tripped():
+            self.trip(evse, faults.GFCI, now)
+            return False
+        if relay and self._ground_check_at is not None and self._diff(now, self._ground_check_at) >= 0:
+            self._ground_check_at = None
+            if not board.ground_ok():
+                self.trip(evse, faults.NO_GROUND, now)
+                return False
+        if not relay and self._weld_check_at is not None and self._diff(now, self._weld_check_at) >= 0:
+            self._weld_check_at = None
+            if board.relay_sense():
+                self.trip(evse, faults.RELAY_WELDED, now)
+                return False
+        if relay and offer_a > 0 and measured_a > offer_a + max(2, offer_a / 10):
+            if self._over_since is None:
+                self._over_since = now
+            elif self._diff(now, self._over_since) > OVERCURRENT_MS:
+                self.trip(evse, faults.EV_OVERCURRENT, now, "%.1f A on %.1f A" % (measured_a, offer_a))
+                return False
+        else:
+            self._over_since = None
+        if pwm_on and evse.state in ("B", "C", "D") and not diode_ok:
+            if self._diode_since is None:
+                self._diode_since = now
+            elif self._diff(now, self._diode_since) >= DIODE_MS:
+                self.trip(evse, faults.DIODE, now)
+                return False
+        else:
+            self._diode_since = None
+        return False
+
+    def contactor(self, closed, now):
+        """Tell the supervision the contactor was just driven ``closed``: the
+        ground check follows a close, the weld check an open."""
+        if closed:
+            self._closed_at = now
+            self._ground_check_at = self.clock.ticks_add(now, RELAY_SETTLE_MS)
+            self._weld_check_at = None
+            self._phase = _IDLE
+        else:
+            self._weld_check_at = self.clock.ticks_add(now, RELAY_SETTLE_MS)
+            self._ground_check_at = None
+
+    def session_ended(self):
+        """The EV left without a fault: the retry count starts afresh."""
+        if not self.lockout:
+            self.retries = 0
+
+    def may_close(self, now, board, evse, wants):
+        """GFCI self-test before every close (C9). ``wants``: everything else
+        allows a close this tick. Runs the test over a few ticks (test current
+        on, the CCID must trip; off, it must clear) and returns True once it
+        passed. A failed test is a ``gfci_selftest`` fault: no close."""
+        phase = self._phase
+        if not wants:
+            if phase in (_TESTING, _RELEASING):
+                board.gfci_test(False)
+            self._phase = _IDLE
+            return False
+        age = self._diff(now, self._phase_at)
+        if phase == _IDLE:
+            if board.gfci_tripped():
+                self.trip(evse, faults.GFCI, now, "before close")
+                return False
+            board.gfci_test(True)
+            self._phase, self._phase_at = _TESTING, now
+        elif phase == _TESTING:
+            if board.gfci_tripped():
+                board.gfci_test(False)
+                self._phase, self._phase_at = _RELEASING, now
+            elif age > SELFTEST_TRIP_MS:
+                board.gfci_test(False)
+                self._phase = _IDLE
+                self.trip(evse, faults.GFCI_SELFTEST, now, "no trip on test current")
+        elif phase == _RELEASING:
+            if not board.gfci_tripped():
+                self._phase, self._phase_at = _PASSED, now
+                self.selftests += 1
+                return True
+            if age > SELFTEST_CLEAR_MS:
+                self._phase = _IDLE
+                self.trip(evse, faults.GFCI_SELFTEST, now, "did not clear")
+        elif phase == _PASSED:
+            if age <= SELFTEST_VALID_MS:
+                return True
+            self._phase = _IDLE
+        return False

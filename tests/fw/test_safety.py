@@ -1,0 +1,223 @@
+"""Safety supervision (C9): GFCI, relay weld and ground, temperature, EV
+over-current, diode, hardware watchdog and the fault log. Values from
+DESIGN.md §3 C9 and issue 4."""
+from fakes import CutFs
+from harness import ev, make_charger, run_ms, setpoint
+
+from firmware import app, faults, pilot, settings
+from firmware.uplink import Uplink
+
+MIN = 60 * 1000
+
+
+def charging_at(amps=40, values=None, max_a=48):
+    c, board, clock = make_charger(values)
+    car = ev(max_a=max_a)
+    board.plug(car)
+    run_ms(c, clock, 100)
+    c.on_setpoint(setpoint(1, amps))
+    run_ms(c, clock, 3900)
+    assert board.relay and c.limit_a == amps
+    return c, board, clock, car
+
+
+def until(c, clock, cond, limit_ms):
+    t0 = clock.ticks_ms()
+    while not cond():
+        c.tick()
+        clock.advance(10)
+        assert clock.ticks_diff(clock.ticks_ms(), t0) <= limit_ms, "not within %d ms" % limit_ms
+    return clock.ticks_diff(clock.ticks_ms(), t0)
+
+
+def keep_setpoint(c, clock, ms, seq=[100]):
+    # The server keeps renewing the lease, so only the fault logic is at work.
+    for _ in range(ms // 5000):
+        seq[0] += 1
+        c.on_setpoint(setpoint(seq[0], 40))
+        run_ms(c, clock, 5000)
+
+
+def test_gfci_trip_opens_relay_within_100ms_and_holds_state_f_300ms():
+    c, board, clock, car = charging_at()
+    run_ms(c, clock, 11000)                # well past the 10 s early-trip window
+    board.gfci = True
+    assert until(c, clock, lambda: not board.relay, 100) <= 100
+    assert c.evse.fault == faults.GFCI and board.pilot_mode == "low"
+    board.gfci = False
+    held = until(c, clock, lambda: board.pilot_mode != "low", 1000)
+    assert held >= 300
+    assert not board.relay and c.limit_by == "fault" and not c.safety.lockout
+
+
+def test_gfci_retries_exactly_every_15_min_four_times_then_locks_out():
+    c, board, clock, car = charging_at()
+    for attempt in range(1, 6):
+        keep_setpoint(c, clock, 15000)     # charging > 10 s after the close
+        assert board.relay
+        board.gfci = True
+        run_ms(c, clock, 20)
+        board.gfci = False
+        assert c.evse.fault == faults.GFCI
+        if attempt == 5:
+            break
+        assert c.safety.retries == attempt and not c.safety.lockout
+        keep_setpoint(c, clock, 15 * MIN - 5000)
+        assert c.evse.fault == faults.GFCI            # 14 min 55 s: still waiting
+        until(c, clock, lambda: c.evse.fault is None, 5100)
+        until(c, clock, lambda: board.relay, 3000)   # self-test, then closed again
+    assert c.safety.lockout
+    keep_setpoint(c, clock, 60 * MIN)
+    assert c.evse.fault == faults.GFCI and not board.relay
+    assert c.reset_fault() and c.evse.fault is None and not c.safety.lockout   # remote reset
+
+
+def test_gfci_trip_within_10s_of_closing_locks_out_at_once():
+    c, board, clock, car = charging_at()
+    closed_for = 4000 - 1000               # closed about 3 s ago
+    assert closed_for < 10000
+    board.gfci = True
+    run_ms(c, clock, 20)
+    board.gfci = False
+    assert c.evse.fault == faults.GFCI and c.safety.lockout
+    keep_setpoint(c, clock, 20 * MIN)
+    assert c.evse.fault == faults.GFCI and not board.relay
+
+
+def test_failed_gfci_selftest_means_the_relay_never_closes():
+    c, board, clock = make_charger()
+    board.selftest_works = False
+    board.plug(ev(max_a=32))
+    for _ in range(1000):
+        c.tick()
+        clock.advance(10)
+        assert not board.relay
+    assert c.evse.fault == faults.GFCI_SELFTEST
+
+
+def test_gfci_selftest_runs_before_every_close():
+    c, board, clock, car = charging_at()
+    assert c.safety.selftests == 1
+    car.wants = False
+    run_ms(c, clock, 2000)
+    assert not board.relay
+    car.wants = True
+    run_ms(c, clock, 3000)
+    assert board.relay and c.safety.selftests == 2
+
+
+def test_welded_relay_is_a_lockout_and_no_new_session_starts():
+    c, board, clock, car = charging_at()
+    board.welded = True
+    car.wants = False                       # EV stops: the contactor opens
+    run_ms(c, clock, 500)
+    assert c.evse.fault == faults.RELAY_WELDED and c.safety.lockout
+    board.unplug()
+    run_ms(c, clock, 1000)
+    board.plug(ev(max_a=32))
+    keep_setpoint(c, clock, 20 * MIN)
+    assert c.evse.fault == faults.RELAY_WELDED and c.status()["lockout"]
+    assert board.pilot_mode != "pwm" and not board.relay
+    assert [e[1] for e in c.fault_log.recent()] == [faults.RELAY_WELDED]
+
+
+def test_missing_ground_is_detected_after_close_and_retried():
+    c, board, clock = make_charger()
+    board.ground = False
+    board.plug(ev(max_a=32))
+    run_ms(c, clock, 5000)
+    assert c.evse.fault == faults.NO_GROUND and not board.relay
+    assert c.safety.retries == 1 and not c.safety.lockout
+    assert c.safety.retry_at is not None
+    board.ground = True
+    run_ms(c, clock, 15 * MIN + 5000)
+    assert c.evse.fault is None and board.relay
+
+
+def test_temperature_ramp_derates_40a_to_20_and_10_then_faults_and_recovers():
+    c, board, clock, car = charging_at(40)
+    seen = []
+    for temp in (64, 66, 69, 72):
+        board.temp = temp
+        keep_setpoint(c, clock, 5000)
+        seen.append(c.evse.fault or c.limit_a)
+    assert seen == [40, 20, 10, faults.OVER_TEMP]
+    assert not board.relay
+    seen = []
+    for temp in (70, 67, 64, 61):
+        board.temp = temp
+        keep_setpoint(c, clock, 10000)
+        seen.append(c.evse.fault or c.limit_a)
+    assert seen == [faults.OVER_TEMP, 10, 20, 40]
+    assert c.limit_by == "setpoint"
+
+
+def test_ev_drawing_45a_on_a_40a_offer_for_8s_is_a_fault_41a_is_not():
+    c, board, clock, car = charging_at(40)
+    car.overdraw_a = 41                     # under 40 + max(2 A, 10 %) = 44 A
+    keep_setpoint(c, clock, 10000)
+    assert c.evse.fault is None and board.relay
+    car.overdraw_a = 45
+    run_ms(c, clock, 6900)
+    assert c.evse.fault is None
+    run_ms(c, clock, 1100)                  # 8 s in all
+    assert c.evse.fault == faults.EV_OVERCURRENT and not board.relay
+    board.unplug()                          # the session ended with the fault
+    run_ms(c, clock, 1000)
+    assert c.evse.fault is None
+
+
+def test_hung_control_loop_resets_and_comes_back_at_start_current_with_reason():
+    c, board, clock, car = charging_at(40)
+    clock.advance(5000)                     # the loop hangs: nobody feeds the watchdog
+    assert board.wdt_expired()
+    board.hardware_reset("watchdog")
+    assert not board.relay and board.pilot_mode == "high"
+    again = app.Charger(board, clock, c.settings)   # the board boots again
+    run_ms(again, clock, 200)
+    assert again.status()["reset_reason"] == "watchdog"
+    assert board.duty == pilot.duty_u16(8) and again.limit_by == "start"
+    assert again.fault_log.recent()[-1][1:] == ["reset", "watchdog"]
+
+
+def test_fault_log_survives_a_reboot():
+    c, board, clock, car = charging_at()
+    car.overdraw_a = 60
+    run_ms(c, clock, 8000)
+    assert c.evse.fault == faults.EV_OVERCURRENT
+    fs = c.settings.fs
+    again = faults.FaultLog("faults.json", CutFs(fs.files))
+    assert [e[1] for e in again.recent()] == [faults.EV_OVERCURRENT]
+    assert "60.0 A on 40.0 A" in again.recent()[0][2]
+
+
+def test_corrupt_fault_log_starts_empty_and_never_stops_the_charger():
+    for text in ("", "[", "{}", "[[1, 2]]", "x" * 9000):
+        log = faults.FaultLog("faults.json", CutFs({"faults.json": text}))
+        assert log.recent() == []
+
+
+class _Link:
+    def __init__(self):
+        self.sent = []
+
+    def take(self):
+        return []
+
+    def offer_state(self, payload):
+        self.sent.append(payload)
+        return True
+
+
+def test_fault_is_reported_with_limit_by_fault_in_the_state_message():
+    import json
+    c, board, clock, car = charging_at()
+    link = _Link()
+    up = Uplink(c, link, "test")
+    board.gfci = True
+    run_ms(c, clock, 20)
+    board.gfci = False
+    up.poll()
+    msg = json.loads(link.sent[-1])
+    assert msg["fault"] == faults.GFCI and msg["limit_by"] == "fault"
+    assert msg["relay"] is False and msg["lockout"] is True   # 4 s after closing: early trip
