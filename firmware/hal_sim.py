@@ -173,6 +173,13 @@ class UdpControl:
       ``{"cmd": "temp", "c": 40}``, ``{"cmd": "setpoint", "payload": "..."}``
       (hand a ``set`` message to the firmware, as the MQTT link would),
       ``{"cmd": "quit"}``.
+    * Fault injection: ``{"cmd": "gfci", "on": true}`` (residual current),
+      ``{"cmd": "selftest", "works": false}`` (the CCID ignores its test),
+      ``{"cmd": "weld", "on": true}`` (contacts welded),
+      ``{"cmd": "ground", "ok": false}`` (no protective earth),
+      ``{"cmd": "overdraw", "a": 45}`` (the EV draws 45 A whatever it is
+      offered; ``null`` ends it), ``{"cmd": "reset_fault"}`` (as the remote
+      command).
 
     Every command is answered: ``{"ok": true}`` (``{"ok": false}`` for a
     refused setpoint) or ``{"error": "..."}``; a bad command changes nothing. Telemetry (``{"t_ms": ..., "state": ..., ...}``, the
@@ -251,6 +258,24 @@ class UdpControl:
             elif cmd == "temp":
                 check_number("c", msg["c"], -40, 150)
                 b.temp = float(msg["c"])
+            elif cmd in ("gfci", "weld"):
+                if type(msg["on"]) is not bool:
+                    raise ValueError("on must be true or false")
+                setattr(b, "gfci" if cmd == "gfci" else "welded", msg["on"])
+            elif cmd == "selftest":
+                if type(msg["works"]) is not bool:
+                    raise ValueError("works must be true or false")
+                b.selftest_works = msg["works"]
+            elif cmd == "ground":
+                if type(msg["ok"]) is not bool:
+                    raise ValueError("ok must be true or false")
+                b.ground = msg["ok"]
+            elif cmd == "overdraw":
+                if msg["a"] is not None:
+                    check_number("a", msg["a"], 0, 100)
+                b.ev.overdraw_a = msg["a"]
+            elif cmd == "reset_fault":
+                return {"ok": self.charger.reset_fault()}
             elif cmd == "setpoint":
                 p = msg["payload"]
                 return {"ok": self.charger.on_setpoint(p.encode() if type(p) is str else p)}

@@ -16,12 +16,22 @@ def mosquitto(tmp_path_factory):
     b.close()
 
 
-@pytest.fixture(scope="session")
-def garage(mosquitto, tmp_path_factory):
-    """The whole seed scenario (tools/scenarios/garage.toml), recorded."""
-    sc = load(SCENARIOS / "garage.toml")
+def _run(name, broker, tmp_path_factory):
+    sc = load(SCENARIOS / f"{name}.toml")
     lines = []
-    with LoadGroupSim(sc, mosquitto, tmp_path_factory.mktemp("garage"), out=lines.append) as sim:
+    with LoadGroupSim(sc, broker, tmp_path_factory.mktemp(name), out=lines.append) as sim:
         rec = sim.run()
     rec.lines = lines
     return rec
+
+
+@pytest.fixture(scope="session")
+def garage(mosquitto, tmp_path_factory):
+    """The whole seed scenario (tools/scenarios/garage.toml), recorded."""
+    return _run("garage", mosquitto, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def gfci_run(mosquitto, tmp_path_factory):
+    """tools/scenarios/gfci.toml: charger 1's GFCI trips while both charge."""
+    return _run("gfci", mosquitto, tmp_path_factory)

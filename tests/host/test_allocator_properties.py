@@ -1,5 +1,5 @@
 """Allocator properties (hypothesis): random groups and event sequences, with
-the firmware's own limit arbiter as each charger (S1, S3, S4).
+the firmware's own limit arbiter as each charger (S1, S3, S4), faults included.
 
 At every 0.1 s step of virtual time:
 - S1: the sum over chargers of what each may draw (its limit in force, or
@@ -25,6 +25,7 @@ event = st.one_of(
     st.tuples(st.just("mute"), st.integers(0, 5)),          # the charger stops reporting
     st.tuples(st.just("deaf"), st.integers(0, 5)),          # its acknowledgements never come
     st.tuples(st.just("heal"), st.integers(0, 5)),
+    st.tuples(st.just("fault"), st.integers(0, 5), st.integers(1, 30)),   # clears after N s
     st.tuples(st.just("server_down"),),
     st.tuples(st.just("server_restart"),),
     st.tuples(st.just("wait"), st.integers(1, 40)),
@@ -68,6 +69,8 @@ def test_ledger_minimum_and_offline_contract_hold_at_every_step(breaker, n, fair
         elif kind == "heal":
             g.bus.mute.discard(ids[ev[1] % n])
             g.bus.deaf.discard(ids[ev[1] % n])
+        elif kind == "fault":
+            g.chargers[ids[ev[1] % n]].trip(g.t, ev[2])
         elif kind == "server_down":
             g.server_up = False
         elif kind == "server_restart":

@@ -93,6 +93,7 @@ class Report:
     relay: bool | None = None
     session_wh: int = 0
     limit_by: str | None = None
+    lockout: bool = False
 
 
 @dataclass
@@ -278,9 +279,19 @@ class Allocator:
         return now - since > self.group.t_wd_s + MARGIN_S
 
     def worst_a(self, m: Member, now: float) -> float:
-        """S1: the most member ``m`` may draw at ``now``, A."""
+        """S1: the most member ``m`` may draw at ``now``, A.
+
+        A faulted member counts 0 only once it has reported its contactor
+        open and it cannot start again unasked (locked out, or its start
+        current lowered to 0, which the allocator asks of every faulted
+        member); until then its worst case as usual (issue 4, S1)."""
         if self.silent(m, now):
             return _offline_stored(m)
+        r = m.report
+        if r is not None and r.fault:
+            if r.relay is False:
+                return 0.0 if (r.lockout or _start_stored(m) == 0) else _start_stored(m)
+            return max(m.hold_a, _start_stored(m))
         w = m.hold_a
         if m.report is None or m.report.state not in CONNECTED:
             w = max(w, _start_stored(m))
@@ -387,14 +398,17 @@ class Allocator:
     def start_currents(self, plan: dict[str, tuple[float, str]], now: float) -> dict[str, float]:
         """S3: start current per member. Idle members keep 8 A while the breaker
         has room beside everything else's worst case, else 6 A, else 0 ("wait
-        for an allocation"); connected members keep what they have."""
+        for an allocation"); connected members keep what they have, and
+        faulted ones get 0, so that a retry waits for the server."""
         out = {}
         idle = sorted((m for m in self.members.values() if plan[m.id][1] == IDLE), key=lambda m: m.id)
         headroom = self.group.breaker_a
         for m in self.members.values():
             if plan[m.id][1] != IDLE:
                 headroom -= max(self.worst_a(m, now), plan[m.id][0])
-                out[m.id] = _start_stored(m) if m.start_a else DEFAULT_START_A
+                # A faulted member waits for an allocation after its retry;
+                # others keep theirs until they are idle again.
+                out[m.id] = 0.0 if plan[m.id][1] == FAULT else _start_stored(m)
         for m in idle:
             for want in (DEFAULT_START_A, MIN_A, 0.0):
                 if want <= headroom:
@@ -516,6 +530,8 @@ class Allocator:
                 "start_a": m.start_a,
                 "binding": m.binding,
                 "fault": r.fault if r else None,
+                "lockout": r.lockout if r else False,
+                "relay": r.relay if r else None,
                 "session_wh": r.session_wh if r else 0,
             }
         charging = [m for m in self.members.values() if _connected(m) and not self.silent(m, now)]

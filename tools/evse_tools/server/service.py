@@ -72,7 +72,7 @@ def parse_state(payload: bytes) -> Report:
                   ack_seq=count("ack_seq"), ack_epoch=count("ack_epoch"),
                   offline_a=amps("offline_a", False), start_a=amps("start_a", False),
                   fault=fault, relay=relay if isinstance(relay, bool) else None,
-                  session_wh=count("session_wh") or 0,
+                  session_wh=count("session_wh") or 0, lockout=msg.get("lockout") is True,
                   limit_by=msg.get("limit_by") if isinstance(msg.get("limit_by"), str) else None)
 
 

@@ -185,6 +185,10 @@ class LoadGroupSim:
         elif ev.action == "soc":
             ch.send({"cmd": "soc", "soc": ev.soc})
             text = f"{ev.charger}: battery at {ev.soc:.0%} (tapers)"
+        elif ev.action == "inject":
+            ch.send(ev.cmd)
+            args = ", ".join(f"{k} {v}" for k, v in ev.cmd.items() if k != "cmd")
+            text = f"{ev.charger}: inject {ev.cmd['cmd']} {args}".rstrip()
         elif ev.action in ("server_stop", "server_kill"):
             self.stop_server(kill=ev.action == "server_kill")
             text = "server killed (SIGKILL)" if ev.action == "server_kill" else "server stopped"

@@ -22,10 +22,16 @@ file), and a timeline of events::
 
     [[events]]
     at_s = 3
-    action = "plug"           # plug, unplug, soc, server_stop, server_kill, server_start
+    action = "plug"           # plug, unplug, soc, inject, server_stop, server_kill, server_start
     charger = "garage-1"
     ev = "model3"
     soc = 0.5
+
+    [[events]]                # fault injection: a simulated board command
+    at_s = 60
+    action = "inject"
+    charger = "garage-1"
+    cmd = { cmd = "gfci", on = true }
 
 :func:`load` checks everything and raises :class:`ScenarioError` with the file
 and the offending entry.
@@ -38,7 +44,8 @@ from pathlib import Path
 
 from evse_tools.server.db import default_limit
 
-ACTIONS = ("plug", "unplug", "soc", "server_stop", "server_kill", "server_start")
+ACTIONS = ("plug", "unplug", "soc", "inject", "server_stop", "server_kill", "server_start")
+INJECT = ("gfci", "selftest", "weld", "ground", "overdraw", "temp", "glitch", "reset_fault", "wants")
 EV_KEYS = ("max_a", "battery_wh", "delay_ms", "taper_soc", "name")
 
 
@@ -53,6 +60,7 @@ class Event:
     charger: str | None = None
     ev: dict | None = None
     soc: float | None = None
+    cmd: dict | None = None
 
 
 @dataclass
@@ -116,7 +124,7 @@ def load(path: str | Path) -> Scenario:
         ev = None
         soc = None
         charger = e.get("charger")
-        if action in ("plug", "unplug", "soc") and charger not in chargers:
+        if action in ("plug", "unplug", "soc", "inject") and charger not in chargers:
             raise ScenarioError(f"{w}: charger {charger!r} is not in [[chargers]]")
         if action == "plug":
             if e.get("ev") not in evs:
@@ -126,7 +134,12 @@ def load(path: str | Path) -> Scenario:
             ev["soc"] = float(_num(w, e, "soc", 0, 1, 0.3))
         if action == "soc":
             soc = float(_num(w, e, "soc", 0, 1))
-        events.append(Event(at, action, charger, ev, soc))
+        cmd = None
+        if action == "inject":
+            cmd = e.get("cmd")
+            if not isinstance(cmd, dict) or cmd.get("cmd") not in INJECT:
+                raise ScenarioError(f"{w}: cmd must be a table whose cmd is one of {', '.join(INJECT)}")
+        events.append(Event(at, action, charger, ev, soc, cmd))
     events.sort(key=lambda e: e.at_s)
     return Scenario(
         name=str(data.get("name", path.stem)), description=str(data.get("description", "")),

@@ -101,7 +101,13 @@ class VirtualCharger:
         self.arbiter = LimitArbiter(clock, self.store, clock.ticks_ms())
         self.ev: VirtualEv | None = None
         self.session_wh = 0.0
-        self.alive = True
+        self.fault_until: float | None = None    # a fault (contactor open) until then, s
+
+    def trip(self, now: float, seconds: float) -> None:
+        """A fault (a GFCI trip, say): nothing offered until ``now + seconds``,
+        then a retry that starts a new session at the start current (C2)."""
+        self.fault_until = now + seconds
+        self.arbiter.fault = "gfci"
 
     def limit(self) -> float:
         """The current the pilot offers now, A."""
@@ -124,6 +130,10 @@ class VirtualCharger:
             pass
 
     def advance(self, now: float, dt: float) -> None:
+        if self.fault_until is not None and now >= self.fault_until:
+            self.fault_until = None
+            self.arbiter.fault = None
+            self.arbiter.start_session()
         ev = self.ev
         if ev is None:
             return
@@ -143,7 +153,9 @@ class VirtualCharger:
     def report(self) -> Report:
         a = self.arbiter
         amps, why = a.limit(self.clock.ticks_ms())
-        return Report(state="C" if self.ev else "A",
+        return Report(state="F" if self.fault_until is not None else "C" if self.ev else "A",
+                      fault="gfci" if self.fault_until is not None else None,
+                      relay=self.fault_until is None and self.ev is not None,
                       measured_a=round(self.ev.drawn_a, 1) if self.ev else 0.0,
                       pilot_a=amps if self.ev else 0.0, ack_seq=a.ack_seq, ack_epoch=a.epoch,
                       offline_a=self.store["offline_a"], start_a=self.store["start_a"],
