@@ -11,6 +11,7 @@ The board holds state, not behaviour: tests set ``ev``, ``temp``, ``glitch_mv``
 and read ``pilot_mode``, ``duty``, ``relay``, ``history``.
 """
 import json
+import time
 
 from firmware.hal import Board
 
@@ -179,7 +180,8 @@ class UdpControl:
       ``{"cmd": "ground", "ok": false}`` (no protective earth),
       ``{"cmd": "overdraw", "a": 45}`` (the EV draws 45 A whatever it is
       offered; ``null`` ends it), ``{"cmd": "reset_fault"}`` (as the remote
-      command).
+      command), ``{"cmd": "hang"}`` (the control loop hangs for good: the
+      board's watchdog, played by the harness, must reset it).
 
     Every command is answered: ``{"ok": true}`` (``{"ok": false}`` for a
     refused setpoint) or ``{"error": "..."}``; a bad command changes nothing. Telemetry (``{"t_ms": ..., "state": ..., ...}``, the
@@ -276,6 +278,10 @@ class UdpControl:
                 b.ev.overdraw_a = msg["a"]
             elif cmd == "reset_fault":
                 return {"ok": self.charger.reset_fault()}
+            elif cmd == "hang":
+                self._send({"ok": True}, addr)
+                while True:    # the control loop hangs here: only the watchdog ends it
+                    time.sleep_ms(100)
             elif cmd == "setpoint":
                 p = msg["payload"]
                 return {"ok": self.charger.on_setpoint(p.encode() if type(p) is str else p)}

@@ -85,7 +85,9 @@ def sim(argv):
 
     Options: ``--dir DIR`` (where settings.json and secrets.json live,
     default ``.``), ``--ctl-port N`` (UDP control port on 127.0.0.1, default
-    7700). With ``mqtt_host`` set it connects to that broker like a real
+    7700), ``--reset-cause TEXT`` (what the board reports as its reset
+    reason; the harness's watchdog passes ``watchdog``). With ``mqtt_host``
+    set it connects to that broker like a real
     charger. Prints events to stdout; exits 0 on the ``quit`` command, 3 on a
     ``reboot`` command, 1 after a crash (the board made safe first each time).
     """
@@ -97,6 +99,7 @@ def sim(argv):
     except ValueError:
         raise SystemExit("error: --ctl-port must be a port number")
     board = SimBoard(time)
+    board.reset_reason = _arg(argv, "--reset-cause", "power_on")
     cfg, secrets = settings.load(directory)
 
     def log(text):

@@ -104,3 +104,26 @@ def test_charger_reconnects_and_resubscribes_after_the_broker_restarts(tmp_path)
             assert got is not None and got["limit_by"] == "setpoint"
     finally:
         b.close()
+
+
+def test_hung_control_loop_is_reset_by_the_watchdog_and_restarts_at_8a(mosquitto, tmp_path):
+    with SimCharger(settings("hang-1", mosquitto), tmp_path) as ch:
+        ch.wait_ready()
+        ch.send({"cmd": "plug", "ev": {"max_a": 32, "delay_ms": 1000}})
+        wait_for(ch, lambda s: s["state"] == "C" and s["relay"], 10)
+        pub = publisher(mosquitto)
+        pub.publish("evse/hang-1/set", json.dumps({"v": 1, "epoch": 9, "seq": 1, "current_a": 24}), qos=1)
+        wait_for(ch, lambda s: s["pilot_a"] == 24, 5)
+        pub.loop_stop()
+        ch.send({"cmd": "hang"})
+        t0 = time.monotonic()
+        while not ch.check_watchdog():
+            ch.poll(0.2)
+            assert time.monotonic() - t0 < 10
+        assert ch.resets == 1
+        s = wait_for(ch, lambda s: s["pilot_a"] > 0, 10)
+        # Back with the start current, not the 24 A it had, and it says why.
+        assert s["pilot_a"] == 8 and s["limit_by"] == "start"
+        assert s["reset_reason"] == "watchdog"
+        log = (tmp_path / "faults.json").read_text()
+        assert '"reset"' in log and "watchdog" in log

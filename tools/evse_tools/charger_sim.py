@@ -50,24 +50,57 @@ class SimCharger:
     ``settings`` (dict) is written to its ``settings.json`` before start.
     Use as a context manager; :meth:`send` sends a control command and
     :meth:`poll` returns the telemetry received (list of dicts).
+
+    It also plays the board's hardware watchdog (``machine.WDT``, 5 s), which
+    sits outside the firmware: :meth:`check_watchdog` resets a process whose
+    control loop stopped (no telemetry for ``watchdog_s``), restarts it with
+    the reset cause ``watchdog``, and plugs the same EV back in (it never left).
     """
 
-    def __init__(self, settings: dict, workdir: Path, port: int | None = None):
+    def __init__(self, settings: dict, workdir: Path, port: int | None = None,
+                 watchdog_s: float = 5.0):
         self.workdir = workdir
         self.port = port or free_udp_port()
+        self.watchdog_s = watchdog_s
+        self.resets = 0
+        self.last_seen: float | None = None
+        self._plugged: dict | None = None
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "settings.json").write_text(json.dumps(settings))
-        env = dict(os.environ, MICROPYPATH=f".frozen:{REPO}:{REPO / 'lib'}")
         self.log = open(workdir / "firmware.log", "w")
-        self.proc = subprocess.Popen(
-            [micropython_cmd(), str(REPO / "main.py"), "--dir", str(workdir),
-             "--ctl-port", str(self.port)],
-            env=env, stdout=self.log, stderr=subprocess.STDOUT)
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.bind(("127.0.0.1", 0))
         self.sock.settimeout(0.05)
+        self._launch()
+
+    def _launch(self, reset_cause: str | None = None) -> None:
+        env = dict(os.environ, MICROPYPATH=f".frozen:{REPO}:{REPO / 'lib'}")
+        argv = [micropython_cmd(), str(REPO / "main.py"), "--dir", str(self.workdir),
+                "--ctl-port", str(self.port)]
+        if reset_cause:
+            argv += ["--reset-cause", reset_cause]
+        self.proc = subprocess.Popen(argv, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def check_watchdog(self) -> bool:
+        """Reset the firmware if its control loop has been silent for
+        ``watchdog_s``; returns True when it did (the new process is ready)."""
+        if self.last_seen is None or time.monotonic() - self.last_seen < self.watchdog_s:
+            return False
+        self.proc.kill()
+        self.proc.wait()
+        self.resets += 1
+        self._launch("watchdog")
+        self.last_seen = None
+        self.wait_ready()
+        if self._plugged is not None:
+            self.send({"cmd": "plug", "ev": self._plugged})
+        return True
 
     def send(self, cmd: dict) -> None:
+        if cmd.get("cmd") == "plug":
+            self._plugged = dict(cmd.get("ev", {}))
+        elif cmd.get("cmd") == "unplug":
+            self._plugged = None
         self.sock.sendto(json.dumps(cmd).encode(), ("127.0.0.1", self.port))
 
     def poll(self, timeout: float = 0.05) -> list[dict]:
@@ -81,6 +114,7 @@ class SimCharger:
             msg = json.loads(data)
             if "t_ms" in msg:
                 out.append(msg)
+                self.last_seen = time.monotonic()
             elif "error" in msg:
                 raise RuntimeError(f"charger refused a command: {msg['error']}")
             self.sock.settimeout(0)

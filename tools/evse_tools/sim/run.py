@@ -206,6 +206,9 @@ class LoadGroupSim:
                 self._apply(events[self._next_event])
                 self._next_event += 1
             for cid, ch in self.chargers.items():
+                if ch.check_watchdog():
+                    self.rec.events.append((self.now(), f"{cid}: watchdog reset"))
+                    self.out(f"{self.now():7.1f} s  -- {cid}: control loop hung, watchdog reset")
                 got = ch.poll(0.0)
                 if got:
                     self.latest[cid] = got[-1]

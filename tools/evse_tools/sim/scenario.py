@@ -45,7 +45,8 @@ from pathlib import Path
 from evse_tools.server.db import default_limit
 
 ACTIONS = ("plug", "unplug", "soc", "inject", "server_stop", "server_kill", "server_start")
-INJECT = ("gfci", "selftest", "weld", "ground", "overdraw", "temp", "glitch", "reset_fault", "wants")
+INJECT = ("gfci", "selftest", "weld", "ground", "overdraw", "temp", "glitch", "reset_fault", "wants",
+          "hang")
 EV_KEYS = ("max_a", "battery_wh", "delay_ms", "taper_soc", "name")
 
 
