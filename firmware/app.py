@@ -61,6 +61,7 @@ class Charger:
         hal.safe_state()
         self._pilot = _evse.PILOT_HIGH
         self._relay = False
+        self.safety.contactor(False, now)   # boot counts as an open: check for a weld
         for problem in settings.problems:
             self.log(problem)
         self.log("boot: reset reason %s" % self.reset_reason)

@@ -121,6 +121,16 @@ def test_welded_relay_is_a_lockout_and_no_new_session_starts():
     assert [e[1] for e in c.fault_log.recent()] == [faults.RELAY_WELDED]
 
 
+def test_contactor_welded_before_a_reboot_is_found_at_boot():
+    # A power cycle clears a lockout, but not the weld: boot checks it too.
+    c, board, clock = make_charger()
+    board.welded = True
+    board.plug(ev(max_a=32))
+    keep_setpoint(c, clock, 10000)
+    assert c.evse.fault == faults.RELAY_WELDED and c.safety.lockout
+    assert board.pilot_mode != "pwm"
+
+
 def test_missing_ground_is_detected_after_close_and_retried():
     c, board, clock = make_charger()
     board.ground = False
