@@ -7,14 +7,16 @@ The ledger (S1)
     For every member the allocator keeps ``hold_a``: the most current the
     member may be drawing right now, whatever happened to the messages in
     flight. Sending a setpoint raises ``hold_a`` at once to at least that
-    value. It comes down only when the charger has acknowledged a lower
-    setpoint (``ack_seq``) *and* its measured current is at or below it (or
-    5 s plus a margin have passed since the acknowledgement), and nothing
-    higher is still in flight. A member's worst case is ``hold_a``, raised to
-    its start current while it is idle (a car may plug in at any moment), to
-    its offline current when its watchdog lease may have lapsed, and replaced
-    by its offline current once it has been silent for ``T_wd`` + margin.
-    Never 0 for a member that can draw.
+    value, and so does a report of a higher pilot offer or measured current.
+    It comes down only when the charger has acknowledged a lower setpoint
+    (``ack_seq``) and its EV was seen to follow it (measured current down
+    from above to at or below it), or 5 s plus a margin have passed since the
+    acknowledgement. A member's worst case is ``hold_a``, raised to its start
+    current while it is idle (a car may plug in at any moment) and to its
+    stored offline current (its link may fail at any moment, and T_wd later
+    it runs on that while the others may still run on their setpoints), and
+    replaced by its offline current once it has been silent for ``T_wd`` +
+    margin. Never 0 for a member that can draw.
 
 Decrease before increase (S2)
     Each step computes targets, sends every decrease at once, and sends an
@@ -62,6 +64,11 @@ IDLE = "idle"
 OFFLINE = "offline"
 RESTART = "restart"
 FAULT = "fault"
+REMOVED = "removed"
+
+STALE_S = 11.0
+"""A member silent this long (two 5 s report periods and a margin) gets no
+more setpoints, so that its lease can run out (S1), s."""
 
 
 @dataclass
@@ -94,6 +101,7 @@ class Report:
     session_wh: int = 0
     limit_by: str | None = None
     lockout: bool = False
+    t_wd_s: int | None = None
 
 
 @dataclass
@@ -128,6 +136,8 @@ class Member:
     target_a: float = 0.0
     binding: str = IDLE
     online: bool = True                    # its retained online flag ("0": its last will)
+    peak_a: float = 0.0                    # most measured since hold_a last rose
+    removed_at: float | None = None        # the installer removed it (kept in the ledger a while)
 
     def last_sent(self) -> Sent | None:
         return self.sent[-1] if self.sent else None
@@ -149,26 +159,33 @@ class Command:
                 "offline_a": self.offline_a, "start_a": self.start_a}
 
 
-def offline_currents(limit_a: float, members: list[Member], fair: bool) -> dict[str, float]:
+def offline_currents(limit_a: float, members: list[Member], fair: bool,
+                     charging: set | None = None) -> dict[str, float]:
     """S3: the offline current of each member; they sum to at most ``limit_a``.
 
     Default: the seed's 8 A each. When 8 A x members exceeds the limit, as many
     members as fit get the same lower value, never below 6 A, and the rest 0
-    (they cannot charge offline); members with a car connected come first,
-    then by id. ``fair`` (Tesla's rule): floor(limit / members), capped at the
-    unit rating, when that is at least 6 A. Result in whole amps.
+    (they cannot charge offline); members being given current now
+    (``charging``, ids) come first, then members with a car, then by id, so
+    that a member paused in a shortage cannot start on its own when its link
+    fails. ``fair`` (Tesla's rule): floor(limit / members), capped at the unit
+    rating, when that is at least 6 A. Result in whole amps.
     """
     n = len(members)
     if n == 0:
         return {}
-    order = sorted(members, key=lambda m: (not _connected(m), m.id))
+    charging = charging or set()
+    order = sorted(members, key=lambda m: (m.id not in charging, not _connected(m), m.id))
+    def rating(m):
+        return float(math.floor(m.unit_rating_a))
+
     if fair and limit_a // n >= MIN_A:
-        return {m.id: float(min(limit_a // n, m.unit_rating_a)) for m in members}
+        return {m.id: float(min(limit_a // n, rating(m))) for m in members}
     if DEFAULT_OFFLINE_A * n <= limit_a:
-        return {m.id: float(min(DEFAULT_OFFLINE_A, m.unit_rating_a)) for m in members}
+        return {m.id: float(min(DEFAULT_OFFLINE_A, rating(m))) for m in members}
     k = min(n, int(limit_a // MIN_A))
     each = float(min(DEFAULT_OFFLINE_A, limit_a // k)) if k else 0.0
-    return {m.id: (min(each, m.unit_rating_a) if i < k else 0.0) for i, m in enumerate(order)}
+    return {m.id: (min(each, rating(m)) if i < k else 0.0) for i, m in enumerate(order)}
 
 
 def _connected(m: Member) -> bool:
@@ -207,11 +224,13 @@ class Allocator:
     members that may be charging (S6)."""
 
     def __init__(self, group: GroupConfig, members: list[Member], epoch: int, now: float,
-                 restarted: bool = True):
+                 restarted: bool = True, seq_counter: list | None = None):
         self.group = group
         self.members = {m.id: m for m in members}
         self.epoch = epoch
-        self.seq = 0
+        # One counter per server epoch, shared by every group the service runs,
+        # so that a charger moved between groups never sees its seq go back.
+        self._seq = seq_counter if seq_counter is not None else [0]
         self.started_at = now
         self.restarted = restarted
         for m in members:
@@ -237,6 +256,17 @@ class Allocator:
         prev = m.report
         m.report = report
         m.reported_at = now
+        # Whatever the charger offers or draws now may go on (a restarted
+        # server, an old epoch's setpoint): never budget it below that. Its
+        # first report replaces the restart assumption (S6), which must not
+        # make a later raise look free.
+        now_a = max(min(report.pilot_a, m.unit_rating_a), report.measured_a)
+        if prev is None:
+            last = m.last_sent()
+            m.hold_a = max(now_a, _effective(last.current_a, m) if last is not None else 0.0)
+        else:
+            m.hold_a = max(m.hold_a, now_a)
+        m.peak_a = max(m.peak_a, report.measured_a)
         if report.offline_a is not None:
             m.offline_a = report.offline_a
         if report.start_a is not None:
@@ -253,30 +283,73 @@ class Allocator:
             # A session began or ended: forget the taper and rotation history.
             m.demand_a = None
             m.low_since = None
+        if report.fault and report.relay is False:
+            # Contactor open on a fault: the old session's setpoints are void
+            # (a retry starts a new session at the start current, C2); only
+            # what is still in flight may yet arrive.
+            m.hold_a = max((_effective(s.current_a, m) for s in m.sent
+                            if m.acked is None or s.seq > m.acked.seq), default=0.0)
+            m.peak_a = 0.0
         self._settle(m, now)
 
     def _settle(self, m: Member, now: float) -> None:
-        """Lower ``hold_a`` when a decrease is confirmed (S1)."""
+        """Lower ``hold_a`` when a decrease is confirmed (S1): the charger has
+        acknowledged it, and either its EV was seen drawing more and now
+        draws no more than the new level (it followed the decrease), or 5 s
+        plus a margin have passed since the acknowledgement (IEC 61851-1
+        Table A.6: the EV follows a lower duty within 5 s). An EV that was
+        not yet drawing proves nothing: it may still ramp up to what it read
+        before. Without a car (state A) nothing can draw."""
         a = m.acked
-        if a is None or m.report is None:
+        r = m.report
+        if a is None or r is None:
             return
         in_flight = max((s.current_a for s in m.sent if s.seq > a.seq), default=0.0)
-        level = max(_effective(a.current_a, m), _effective(in_flight, m))
+        level = max(_effective(a.current_a, m), _effective(in_flight, m), r.measured_a,
+                    min(r.pilot_a, m.unit_rating_a))
         if level >= m.hold_a:
             return
-        measured_ok = m.report.measured_a <= a.current_a + CONFIRM_TOL_A or (
-            m.report.state not in ("C", "D"))
+        followed = (m.peak_a > a.current_a + CONFIRM_TOL_A
+                    and r.measured_a <= a.current_a + CONFIRM_TOL_A)
         waited = m.ack_seen_at is not None and now - m.ack_seen_at >= EV_RESPONSE_S + MARGIN_S
-        if measured_ok or waited:
+        if r.state == "A" or followed or waited:
             m.hold_a = level
+            m.peak_a = r.measured_a
+
+    def remove(self, member_id: str, now: float) -> None:
+        """The installer removed a member: it gets 0 A, offline and start 0,
+        and stays in the ledger until any lease it holds has run out."""
+        m = self.members.get(member_id)
+        if m is not None and m.removed_at is None:
+            m.removed_at = now
+
+    def expire_removed(self, now: float) -> list[str]:
+        """Drop removed members whose leases have run out; return their ids."""
+        gone = [m.id for m in self.members.values() if m.removed_at is not None
+                and now - m.removed_at > self.t_wd(m) + EV_RESPONSE_S + MARGIN_S]
+        for mid in gone:
+            del self.members[mid]
+        return gone
 
     # -- the ledger -----------------------------------------------------------
 
+    def t_wd(self, m: Member) -> float:
+        """The watchdog timeout that member ``m`` runs with: the longer of the
+        group's and the one it reports (they differ until it has taken the
+        group's, see the service), s."""
+        r = m.report
+        return max(self.group.t_wd_s, r.t_wd_s if r is not None and r.t_wd_s else 0)
+
     def silent(self, m: Member, now: float) -> bool:
-        """No report for longer than T_wd + margin (counted from the server's
-        start when it never reported): the charger runs on its offline current."""
+        """The charger runs on its offline current: no report for T_wd +
+        margin (counted from the server's start when it never reported), and
+        no setpoint sent to it for T_wd + the EV's 5 s + margin, since its
+        lease runs from the last setpoint it received."""
         since = m.reported_at if m.reported_at is not None else self.started_at
-        return now - since > self.group.t_wd_s + MARGIN_S
+        last = m.last_sent()
+        sent_at = last.at if last is not None else self.started_at
+        t_wd = self.t_wd(m)
+        return now - since > t_wd + MARGIN_S and now - sent_at > t_wd + EV_RESPONSE_S + MARGIN_S
 
     def worst_a(self, m: Member, now: float) -> float:
         """S1: the most member ``m`` may draw at ``now``, A.
@@ -295,11 +368,9 @@ class Allocator:
         w = m.hold_a
         if m.report is None or m.report.state not in CONNECTED:
             w = max(w, _start_stored(m))
-        a = m.acked
-        lease_from = a.at if a is not None else self.started_at
-        if now - lease_from > self.group.t_wd_s - MARGIN_S:
-            w = max(w, _offline_stored(m))
-        return w
+        # Its link may fail at any moment, and then T_wd later it runs on its
+        # offline current while the others may still run on their setpoints.
+        return max(w, _offline_stored(m))
 
     def ledger_a(self, now: float) -> float:
         """Sum of the members' worst cases, A (S1: at most the breaker)."""
@@ -309,7 +380,7 @@ class Allocator:
 
     def _demand(self, m: Member, now: float) -> tuple[float, str]:
         """S5: what a connected member can use, and the constraint that says so."""
-        cap, why = m.unit_rating_a, UNIT_RATING
+        cap, why = float(math.floor(m.unit_rating_a)), UNIT_RATING
         r = m.report
         a = m.acked
         if r is None or a is None or a.current_a < MIN_A:
@@ -358,7 +429,10 @@ class Allocator:
         budget = g.limit_a
         charging: list[Member] = []
         for m in self.members.values():
-            if self.silent(m, now):
+            if m.removed_at is not None:
+                plan[m.id] = (0.0, REMOVED)
+                budget -= self.worst_a(m, now)
+            elif self.silent(m, now):
                 plan[m.id] = (0.0, OFFLINE)
                 budget -= _offline_stored(m)
             elif m.report is not None and m.report.fault:
@@ -406,9 +480,9 @@ class Allocator:
         for m in self.members.values():
             if plan[m.id][1] != IDLE:
                 headroom -= max(self.worst_a(m, now), plan[m.id][0])
-                # A faulted member waits for an allocation after its retry;
-                # others keep theirs until they are idle again.
-                out[m.id] = 0.0 if plan[m.id][1] == FAULT else _start_stored(m)
+                # A faulted or removed member waits for an allocation after
+                # its retry; others keep theirs until they are idle again.
+                out[m.id] = 0.0 if plan[m.id][1] in (FAULT, REMOVED) else _start_stored(m)
         for m in idle:
             for want in (DEFAULT_START_A, MIN_A, 0.0):
                 if want <= headroom:
@@ -428,7 +502,8 @@ class Allocator:
         g = self.group
         plan = self.plan(now)
         starts = self.start_currents(plan, now)
-        offline = offline_currents(g.limit_a, list(self.members.values()), g.fair_offline)
+        offline = offline_currents(g.limit_a, [m for m in self.members.values() if m.removed_at is None],
+                                   g.fair_offline, {i for i, (a, _w) in plan.items() if a > 0})
         waiting_restart = self.restarted and now - self.started_at <= g.t_wd_s + MARGIN_S and any(
             m.report is None or not m.online for m in self.members.values())
         if self.restarted and not waiting_restart:
@@ -442,7 +517,7 @@ class Allocator:
             start = starts[m.id]
             if why == IDLE:
                 target = start
-            off = offline[m.id]
+            off = offline.get(m.id, 0.0)
             cur_off = max(_offline_stored(m), _offline_in_flight(m))
             if off > cur_off:
                 if waiting_restart or off_sum - cur_off + off > g.limit_a:
@@ -456,6 +531,11 @@ class Allocator:
         increases = []
         for m in self.members.values():
             target, off, start, why = desired[m.id]
+            if m.reported_at is None or now - m.reported_at > STALE_S:
+                # Never heard from (a restarted server, S6), or gone quiet:
+                # nothing is sent, so that no lease is renewed blindly.
+                m.target_a, m.binding = 0.0, RESTART if self.restarted else OFFLINE
+                continue
             if self._projected(m, target, start, why, now) > self.worst_a(m, now) + 1e-9:
                 increases.append(m)
                 continue
@@ -496,19 +576,20 @@ class Allocator:
 
     def _maybe_send(self, m: Member, current: float, off: float, start: float, now: float,
                     cmds: list[Command]) -> None:
-        if self.silent(m, now) and m.reported_at is None:
-            return   # never heard from: nothing to renew
         last = m.last_sent()
         fresh = last is not None and now - last.at < self.group.t_wd_s / 3
         if fresh and last.current_a == current and last.offline_a == off and last.start_a == start:
             return
-        self.seq += 1
-        s = Sent(self.seq, current, off, start, now)
+        self._seq[0] += 1
+        seq = self._seq[0]
+        s = Sent(seq, current, off, start, now)
         m.sent.append(s)
         if len(m.sent) > 64:
             del m.sent[0]
-        m.hold_a = max(m.hold_a, _effective(current, m))
-        cmds.append(Command(m.id, self.seq, self.epoch, current, off, start))
+        if _effective(current, m) > m.hold_a:
+            m.hold_a = _effective(current, m)
+            m.peak_a = 0.0       # a new, higher level: a later drop must be seen afresh
+        cmds.append(Command(m.id, seq, self.epoch, current, off, start))
 
     # -- reporting ----------------------------------------------------------------
 

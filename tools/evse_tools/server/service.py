@@ -52,16 +52,16 @@ def parse_state(payload: bytes) -> Report:
         x = msg.get(name)
         if x is None and not required:
             return None
-        if type(x) not in (int, float) or not math.isfinite(x) or x < 0 or x > 1000:
-            raise ValueError(f"bad {name} {x!r}")
+        if type(x) not in (int, float) or not 0 <= x <= 1000 or not math.isfinite(float(x)):
+            raise ValueError(f"bad {name} {str(x)[:40]}")
         return float(x)
 
     def count(name):
         x = msg.get(name)
         if x is None:
             return None
-        if type(x) is not int or x < 0:
-            raise ValueError(f"bad {name} {x!r}")
+        if type(x) is not int or x < 0 or x > 1 << 62:
+            raise ValueError(f"bad {name} {str(x)[:40]}")
         return x
 
     fault = msg.get("fault")
@@ -73,6 +73,7 @@ def parse_state(payload: bytes) -> Report:
                   offline_a=amps("offline_a", False), start_a=amps("start_a", False),
                   fault=fault, relay=relay if isinstance(relay, bool) else None,
                   session_wh=count("session_wh") or 0, lockout=msg.get("lockout") is True,
+                  t_wd_s=count("t_wd_s"),
                   limit_by=msg.get("limit_by") if isinstance(msg.get("limit_by"), str) else None)
 
 
@@ -91,7 +92,11 @@ class Service:
         self.allocators: dict[str, Allocator] = {}
         self.member_group: dict[str, str] = {}
         self.epoch = self._new_epoch()
+        self.seq = [0]          # one seq counter for every group of this epoch
         self.rejected = 0
+        self.errors = 0
+        self._config_due: dict[str, int] = {}
+        self._config_sent: dict[str, float] = {}
         self._last_group_state: dict[str, float] = {}
         self._last_reload = -1e9
 
@@ -120,7 +125,7 @@ class Service:
                     # S6: assume max(last setpoint, offline current) until it reports.
                     mem.hold_a = max(m.last_setpoint_a or 0.0, m.offline_a)
                     members.append(mem)
-                alloc = Allocator(cfg, members, self.epoch, now, restarted=True)
+                alloc = Allocator(cfg, members, self.epoch, now, restarted=True, seq_counter=self.seq)
                 self.allocators[g.name] = alloc
                 self.out(f"group {g.name}: breaker {g.breaker_a} A, limit {g.limit_a} A, "
                          f"{len(members)} members, epoch {self.epoch}")
@@ -136,13 +141,18 @@ class Service:
                         alloc.members[m.id].unit_rating_a = m.unit_rating_a
                 for mid in list(alloc.members):
                     if mid not in ids:
-                        del alloc.members[mid]
+                        # Told 0 A, offline 0 and start 0, and kept in the
+                        # ledger until any lease it holds has run out.
+                        alloc.remove(mid, now)
             for m in g.members:
                 self.member_group[m.id] = g.name
         for name in list(self.allocators):
             if name not in seen:
                 del self.allocators[name]
-        self.member_group = {m: g for m, g in self.member_group.items() if g in self.allocators}
+        for alloc in self.allocators.values():
+            alloc.expire_removed(now)
+        self.member_group = {m: g for m, g in self.member_group.items()
+                             if g in self.allocators and m in self.allocators[g].members}
 
     # -- MQTT callbacks (paho's thread): only queue --------------------------------
 
@@ -184,7 +194,11 @@ class Service:
             self.rejected += 1
             self.out(f"ignored state from {mid}: {exc}")
             return
-        self.allocators[group].on_report(mid, report, at)
+        alloc = self.allocators[group]
+        alloc.on_report(mid, report, at)
+        want = int(alloc.group.t_wd_s)
+        if report.t_wd_s is not None and report.t_wd_s != want:
+            self._config_due[mid] = want   # its watchdog must match the group's
 
     def step(self, client, now: float) -> None:
         """One round: reload, take reports, allocate, publish."""
@@ -195,19 +209,30 @@ class Service:
                 topic, payload, at = self.inbox.get_nowait()
             except queue.Empty:
                 break
-            self.handle(topic, payload, at)
+            try:
+                self.handle(topic, payload, at)
+            except Exception as exc:  # one bad message must not stop the service
+                self.errors += 1
+                self.out(f"error handling {topic}: {type(exc).__name__}: {exc}")
+        for mid, t_wd in list(self._config_due.items()):
+            if now - self._config_sent.get(mid, -1e9) >= 30:
+                self._config_sent[mid] = now
+                client.publish(f"{self.prefix}/{mid}/cmd", json.dumps(
+                    {"v": 1, "cmd": "config", "settings": {"t_wd_s": t_wd}}), qos=1)
+                self.out(f"config {mid}: t_wd_s {t_wd} s (the group's)")
+        self._config_due.clear()
         wall = time.time()
         for name, alloc in self.allocators.items():
             for cmd in alloc.step(now):
                 client.publish(f"{self.prefix}/{cmd.member}/set", json.dumps(cmd.payload()), qos=1)
-                self.store.record_setpoint(cmd.member, cmd.current_a, cmd.seq, cmd.epoch, wall)
                 m = alloc.members[cmd.member]
                 self.out(f"set {cmd.member} {cmd.current_a:g} A ({m.binding}) offline "
                          f"{cmd.offline_a:g} A start {cmd.start_a:g} A seq {cmd.seq}")
                 try:
+                    self.store.record_setpoint(cmd.member, cmd.current_a, cmd.seq, cmd.epoch, wall)
                     self.store.record_member_currents(cmd.member, cmd.offline_a, cmd.start_a)
                 except ValueError:
-                    pass
+                    pass     # removed from the database meanwhile: the ledger keeps it
             if now - self._last_group_state.get(name, -1e9) >= GROUP_STATE_S:
                 self._last_group_state[name] = now
                 client.publish(f"loadgroup/{name}/state", json.dumps(alloc.group_state(now)),
@@ -239,7 +264,11 @@ def run(store: GroupStore, args) -> int:
         client.connect_async(host, port, keepalive=30)
         client.loop_start()
         while not stop:
-            svc.step(client, svc.clock())
+            try:
+                svc.step(client, svc.clock())
+            except Exception as exc:  # keep serving: the chargers' watchdogs are the backstop
+                svc.errors += 1
+                svc.out(f"error in allocation round: {type(exc).__name__}: {exc}")
             time.sleep(STEP_S)
     except KeyboardInterrupt:
         pass

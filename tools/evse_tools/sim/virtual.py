@@ -102,6 +102,8 @@ class VirtualCharger:
         self.ev: VirtualEv | None = None
         self.session_wh = 0.0
         self.fault_until: float | None = None    # a fault (contactor open) until then, s
+        self._off_since: float | None = None
+        self._closed = False
 
     def trip(self, now: float, seconds: float) -> None:
         """A fault (a GFCI trip, say): nothing offered until ``now + seconds``,
@@ -122,6 +124,7 @@ class VirtualCharger:
 
     def unplug(self) -> None:
         self.ev = None
+        self._closed = False
 
     def deliver(self, payload: bytes) -> None:
         try:
@@ -143,9 +146,21 @@ class VirtualCharger:
         while ev._seen and ev._seen[0][0] <= now:
             target = ev._seen.pop(0)[1]
         cap = min(ev.max_a, ev.taper_a if ev.taper_a is not None else ev.max_a)
-        # An EV never draws more than it is offered now (it drops at once when
-        # power is removed) nor more than it read after its delay.
-        ev.drawn_a = min(target, cap, offer) if offer > 0 else 0.0
+        # The EV follows every pilot change, up or down, only after its delay
+        # (IEC 61851-1 allows 5 s for a decrease), so it may draw more than
+        # the present offer for a while. Without an offer the contactor stays
+        # closed up to 6 s (Table A.6), and a fault opens it at once.
+        if self.fault_until is not None:
+            self._closed = False          # a fault opens the contactor at once
+        elif offer > 0:
+            self._closed = True
+            self._off_since = None
+        elif self._closed:
+            if self._off_since is None:
+                self._off_since = now
+            elif now - self._off_since >= 6.0:
+                self._closed = False
+        ev.drawn_a = min(target, cap) if self._closed else 0.0
         wh = ev.drawn_a * 240 * dt / 3600
         ev.energy_wh += wh
         self.session_wh += wh
@@ -257,8 +272,8 @@ class VirtualGroup:
         if drawn > self.group.breaker_a + 1e-9:
             self.over_breaker_s += dt
         if worst > self.group.breaker_a + 1e-9:
-            self.violations.append("t=%.1f offered %.1f A, drawn %.1f A > breaker %.0f A"
-                                   % (self.t, offered, drawn, self.group.breaker_a))
+            self.violations.append("t=%.1f may draw %.1f A (offered %.1f, drawn %.1f) > breaker %.0f A"
+                                   % (self.t, worst, offered, drawn, self.group.breaker_a))
 
     def run(self, seconds: float, dt: float = 0.1) -> None:
         for _ in range(int(round(seconds / dt))):
