@@ -14,7 +14,7 @@ DEVICE_PY := boot.py main.py $(wildcard firmware/*.py)
 # MicroPython's module path (it replaces the default, so .frozen stays first).
 FW_PATH := .frozen:$(CURDIR):$(CURDIR)/lib
 
-.PHONY: help sim charger test test-cpython test-mpy check lib venv clean
+.PHONY: help sim charger test test-cpython test-mpy check lib venv clean flash deploy repl provision
 
 help:
 	@echo "make sim         the simulated load group (SCENARIO=garage|shortage|busy-day)"
@@ -23,6 +23,11 @@ help:
 	@echo "make check       mpy-cross + pyright on every device-side file"
 	@echo "make lib         install device libraries (umqtt.simple) into lib/"
 	@echo "make clean       remove .venv, build/ and installed lib/ code"
+	@echo "make flash       write MicroPython to a charger: IMAGE=file.bin PORT=/dev/ttyUSB0 [CHIP=esp32s3]"
+	@echo "make deploy      compile and copy the firmware to a charger: PORT=... [OTA_KEY=pub.json]"
+	@echo "make repl        the charger's serial REPL: PORT=..."
+	@echo "make provision   write a charger's settings and secrets: PORT=... ARGS=\"--id garage-1 ...\""
+	@echo "                 (each takes DRY_RUN=1: print the exact commands, touch no device)"
 
 venv: $(STAMP)
 $(STAMP): requirements-dev.txt tools/pyproject.toml
@@ -53,9 +58,14 @@ test-cpython: $(STAMP)
 	@echo "== firmware logic and tools under CPython (pytest)"
 	$(BIN)/python -m pytest -q
 
+# Signed OTA bundles for the firmware tests: made fresh by CPython (the key is
+# thrown away), read by both runtimes.
+OTA_FIXTURES := $(CURDIR)/build/ota-fixtures
+
 test-mpy: $(STAMP)
 	@echo "== firmware logic under the MicroPython unix port"
-	MICROPYPATH=$(FW_PATH):$(CURDIR)/tests/fw $(BIN)/micropython tests/mpy_run.py
+	$(BIN)/python tests/make_fixtures.py $(OTA_FIXTURES)
+	EVSE_FIXTURES=$(OTA_FIXTURES) MICROPYPATH=$(FW_PATH):$(CURDIR)/tests/fw $(BIN)/micropython tests/mpy_run.py
 
 check: $(STAMP)
 	@echo "== mpy-cross on $(words $(DEVICE_PY)) device-side files"
@@ -69,3 +79,23 @@ check: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build out .pytest_cache .hypothesis lib/umqtt
+
+# Deployment to a real charger (evse-deploy, tools/evse_tools/deploy.py).
+# PORT defaults to auto (the only /dev/ttyUSB* or /dev/ttyACM* present);
+# DRY_RUN=1 prints the exact esptool/mpremote commands and touches no device.
+PORT ?= auto
+DEPLOY = $(BIN)/python -m evse_tools.deploy
+DRY = $(if $(filter 1,$(DRY_RUN)),--dry-run)
+
+flash: $(STAMP)
+	$(if $(IMAGE),,$(error usage: make flash IMAGE=path/to/micropython.bin PORT=/dev/ttyUSB0 [CHIP=esp32s3]))
+	$(DEPLOY) flash $(DRY) --port $(PORT) --image $(IMAGE) $(if $(CHIP),--chip $(CHIP))
+
+deploy: $(STAMP) $(UMQTT)
+	$(DEPLOY) deploy $(DRY) --port $(PORT) $(if $(OTA_KEY),--ota-key $(OTA_KEY))
+
+repl: $(STAMP)
+	$(DEPLOY) repl $(DRY) --port $(PORT)
+
+provision: $(STAMP)
+	$(DEPLOY) provision $(DRY) --port $(PORT) $(ARGS)

@@ -54,6 +54,9 @@ class Charger:
         self._charge_mams = 0    # session charge, mA x ms below one mAh
         self._session_mah = 0
         self._new_faults = []
+        self._requests = []      # from other threads (diagnostics): done by the control loop
+        self._manual_test = False
+        self.results = {}        # request name -> outcome text
         self._pilot = None   # what the hardware was last told
         self._duty = -1
         self._offer_a = 0
@@ -106,10 +109,45 @@ class Charger:
     def _record_fault(self, code, detail):
         self._new_faults.append((code, detail))
 
+    def request(self, name):
+        """Ask the control loop, from another thread, to ``reset_fault``, run
+        a ``selftest`` (GFCI test and relay check, only with the contactor
+        open and no car charging) or ``stop`` (end the loop, board safe).
+        The outcome appears in ``results[name]``."""
+        self.results.pop(name, None)
+        self._requests.append(name)
+
+    def _serve_requests(self, now):
+        while self._requests:
+            name = self._requests.pop(0)
+            if name == "reset_fault":
+                self.results[name] = "cleared" if self.reset_fault() else "not cleared (held < 300 ms)"
+            elif name == "selftest":
+                if self._relay or self.evse.state in ("C", "D") or self.evse.fault:
+                    self.results[name] = "refused: only with the contactor open, no car charging, no fault"
+                else:
+                    self._manual_test = True
+                    self._test_started = now
+            elif name == "stop":
+                raise SystemExit(0)
+        if self._manual_test:
+            s = self.safety
+            if s.may_close(now, self.hal, self.evse, True):
+                s.may_close(now, self.hal, self.evse, False)
+                weld = self.hal.relay_sense()
+                self.results["selftest"] = "gfci passed; contactor output %s" % (
+                    "LIVE with the contactor open: welded" if weld else "dead with the contactor open: ok")
+                self._manual_test = False
+            elif self.evse.fault:
+                self.results["selftest"] = "gfci failed: %s" % self.evse.fault
+                self._manual_test = False
+
     def tick(self):
         """Run one control tick. Never blocks."""
         now = self.clock.ticks_ms()
         self._count_time(now)
+        if self._requests or self._manual_test:
+            self._serve_requests(now)
         evse = self.evse
         hal = self.hal
         pwm_on = self._pilot == _evse.PILOT_PWM
@@ -140,7 +178,10 @@ class Charger:
             self.log("limit %s A (%s)" % (amps, why))
         self.limit_a = amps
         self.limit_by = why
-        may_close = self.safety.may_close(now, hal, evse, evse.wants_close(amps, self.reader.diode_ok))
+        if self._manual_test:
+            may_close = False        # the self-test winding belongs to the manual test now
+        else:
+            may_close = self.safety.may_close(now, hal, evse, evse.wants_close(amps, self.reader.diode_ok))
         evse.outputs(amps, self.reader.diode_ok, now, may_close)
         self._apply(now)
         hal.feed_wdt()

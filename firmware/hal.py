@@ -77,6 +77,11 @@ class Board:
     def reset_cause(self):
         raise NotImplementedError
 
+    def mark_app_valid(self):
+        """Keep the running firmware image (cancel the bootloader's rollback).
+        Called only once a new version has passed its health check."""
+        raise NotImplementedError
+
     def feed_wdt(self):
         raise NotImplementedError
 

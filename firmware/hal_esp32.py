@@ -286,8 +286,7 @@ class Esp32Board(Board):
 
     # --- OTA and reset bookkeeping
 
-    @staticmethod
-    def mark_app_valid():
+    def mark_app_valid(self):
         """Tell the bootloader this firmware image booted well (cancels the
         automatic rollback of a new OTA image). Returns False when the firmware
         was built without rollback support (``OSError``), else True."""
@@ -317,3 +316,43 @@ class Esp32Board(Board):
         except Exception:  # garbage after power-on: treat as "no marker"
             pass
         return None
+
+
+class ImageUpdate:
+    """A full MicroPython image update into the next OTA partition
+    (``esp32.Partition``, DESIGN.md §6). Feed it the image in order with
+    :meth:`write` (any chunk sizes), then :meth:`finish` makes it the next
+    boot. The bootloader rolls the image back unless the new firmware calls
+    :meth:`Esp32Board.mark_app_valid`, which the firmware does only after its
+    health check (:class:`firmware.ota.Health`). Raises OSError on a flash
+    error and ValueError when the image does not fit the partition."""
+
+    BLOCK = 4096
+
+    def __init__(self, size):
+        running = esp32.Partition(esp32.Partition.RUNNING)  # type: ignore[arg-type]  # an int id is documented
+        self.part = running.get_next_update()
+        blocks = int(self.part.ioctl(4, 0) or 0)  # number of blocks in the partition
+        if size > blocks * self.BLOCK:
+            raise ValueError("image of %d bytes does not fit the %d-byte partition"
+                             % (size, blocks * self.BLOCK))
+        self.size = size
+        self.block = 0
+        self.buf = bytearray()
+
+    def write(self, chunk):
+        """Append ``chunk`` (bytes) of the image; full 4 KB blocks go to flash."""
+        self.buf.extend(chunk)
+        while len(self.buf) >= self.BLOCK:
+            self.part.writeblocks(self.block, self.buf[:self.BLOCK])
+            self.buf = self.buf[self.BLOCK:]
+            self.block += 1
+
+    def finish(self):
+        """Write the last block (padded with 0xFF) and boot the new image next."""
+        if self.buf:
+            pad = bytearray(self.buf) + b"\xff" * (self.BLOCK - len(self.buf))
+            self.part.writeblocks(self.block, pad)
+            self.block += 1
+            self.buf = bytearray()
+        self.part.set_boot()

@@ -286,8 +286,8 @@ class MqttLink:
 
     def _on_message(self, topic, payload):
         kind = "set" if topic == self.topics["set"] else "cmd" if topic == self.topics["cmd"] else None
-        if kind is None:
-            return
+        if kind is None or not payload:
+            return    # a zero-length payload only clears a retained message (§4)
         if self.framer.publish_header & 0x01:
             self.retained_dropped += 1     # §4: set and cmd are never retained
             return

@@ -79,6 +79,9 @@ SCHEMA = {
     "mqtt_host": ("", lambda v, n: _text(v, None, 0, 128, n)),
     "mqtt_port": (1883, lambda v, n: _integer(v, 1, 65535, n)),
     "mqtt_tls": (False, _flag),
+    # After an OTA switch the new version must reach the server and run this
+    # long to be kept (else the next boot rolls back), s.
+    "ota_health_s": (60, lambda v, n: _integer(v, 5, 3600, n)),
     # MQTT keepalive, s. mosquitto >= 2.0.12 refuses 0 (DESIGN.md §6).
     "keepalive_s": (30, lambda v, n: _integer(v, 5, 600, n)),
 }

@@ -1,18 +1,29 @@
 """Build the hardware layer and the application for the platform, and run it
 under the supervisor. Called by ``main.py``; not pure (it owns the wiring).
 
-* ``esp32``: :class:`firmware.hal_esp32.Esp32Board`, settings on the device's
-  root, ``machine.reset()`` after a crash (the reason is kept in RTC memory).
-  Ctrl-C at the REPL leaves the board safe and returns to the prompt.
-* anything else (the MicroPython unix port, CPython): the simulated board,
-  controlled over UDP; see :func:`sim`.
+The control loop runs on a thread of its own, under the supervisor, so that
+the serial REPL stays free for a technician (:mod:`firmware.diag`): the
+diagnostics run *beside* the live control loop and go through it for
+anything that touches the hardware. Ctrl-C at the REPL therefore does not
+stop charging; ``diag.stop()`` does, leaving the board safe.
+
+* ``esp32``: :class:`firmware.hal_esp32.Esp32Board`, settings on the device
+  root, WiFi, ``machine.reset()`` after a crash (the reason kept in RTC
+  memory), then the REPL.
+* anything else (the MicroPython unix port): the simulated board, controlled
+  over UDP; see :func:`sim`.
 """
 import sys
 import time
 
-from firmware import app, settings
+import _thread
+
+from firmware import app, diag, settings
 from firmware.supervisor import supervise
 from firmware.version import FW
+
+_STACK = 16384
+"""Stack of the control thread, bytes (the ESP32's default of 4 KB is tight)."""
 
 
 def topics(cfg):
@@ -22,32 +33,47 @@ def topics(cfg):
             "state": (base + "state").encode(), "online": (base + "online").encode()}
 
 
-def link_up(cfg, secrets, charger, reboot=None, network_ready=None):
+def link_up(cfg, secrets, charger, root, reboot=None, network_ready=None):
     """Start the MQTT link thread and return the :class:`firmware.uplink.Uplink`
     that the control loop polls, or None when no broker is configured."""
+    from firmware import ota
+    from firmware.uplink import Uplink
+
+    updater = ota.Updater(root, FW)
+    health = ota.Health(root, charger.clock, cfg["ota_health_s"])
     if not cfg["mqtt_host"]:
         charger.log("no mqtt_host set: running without a server")
-        return None
+        return Uplink(charger, None, FW, reboot, updater, health)
     if cfg["mqtt_tls"]:
         charger.log("mqtt_tls is not supported yet: running without a server")
-        return None
+        return Uplink(charger, None, FW, reboot, updater, health)
     from firmware.mqtt_link import MqttLink
-    from firmware.uplink import Uplink
 
     link = MqttLink(cfg["charger_id"], cfg["mqtt_host"], cfg["mqtt_port"], topics(cfg),
                     cfg["keepalive_s"], secrets["mqtt_user"] or None,
                     secrets["mqtt_password"] or None, network_ready=network_ready)
     link.start()
     charger.log("mqtt link to %s:%d started" % (cfg["mqtt_host"], cfg["mqtt_port"]))
-    return Uplink(charger, link, FW, reboot)
+    return Uplink(charger, link, FW, reboot, updater, health)
+
+
+def _start_control(charger, board, poll, crashed, done):
+    """Run the control loop under the supervisor on its own thread; ``done``
+    (a list) receives the exit status when it ends."""
+    def body():
+        done.append(supervise(lambda: app.run(charger, charger.clock, poll), board, crashed))
+
+    if sys.platform == "esp32":
+        _thread.stack_size(_STACK)
+    _thread.start_new_thread(body, ())
 
 
 def esp32():
-    """Run the charger on ESP32 hardware. Does not return except on Ctrl-C."""
+    """Run the charger on ESP32 hardware; returns to the REPL while the
+    control loop runs on."""
     import machine
-    from firmware.hal_esp32 import Esp32Board
-
     import network
+    from firmware.hal_esp32 import Esp32Board
 
     board = Esp32Board()
     board.safe_state()
@@ -57,18 +83,24 @@ def esp32():
     wlan.active(True)
     if secrets["wifi_ssid"]:
         wlan.connect(secrets["wifi_ssid"], secrets["wifi_password"])  # returns at once
-    uplink = link_up(cfg, secrets, charger, machine.reset, wlan.isconnected)
+
+    def reboot():
+        board.safe_state()
+        board.write_reset_reason("reboot")
+        machine.reset()
+
+    uplink = link_up(cfg, secrets, charger, "/", reboot, wlan.isconnected)
 
     def crashed(exc):
-        if isinstance(exc, KeyboardInterrupt):
-            print("stopped: contactor open, pilot static +12 V")
-            return
+        if isinstance(exc, SystemExit):      # diag.stop(): stay safe, no reset
+            return 0
         board.write_reset_reason("crash: %s: %s" % (type(exc).__name__, exc))
         sys.print_exception(exc)  # type: ignore[attr-defined]
         time.sleep_ms(1000)
         machine.reset()
 
-    supervise(lambda: app.run(charger, time, uplink.poll if uplink else None), board, crashed)
+    diag.attach(charger, uplink, wlan)
+    _start_control(charger, board, uplink.poll, crashed, [])
 
 
 def _arg(argv, name, default):
@@ -83,13 +115,15 @@ def _arg(argv, name, default):
 def sim(argv):
     """Run one simulated charger on the unix port.
 
-    Options: ``--dir DIR`` (where settings.json and secrets.json live,
-    default ``.``), ``--ctl-port N`` (UDP control port on 127.0.0.1, default
-    7700), ``--reset-cause TEXT`` (what the board reports as its reset
-    reason; the harness's watchdog passes ``watchdog``). With ``mqtt_host``
-    set it connects to that broker like a real
-    charger. Prints events to stdout; exits 0 on the ``quit`` command, 3 on a
-    ``reboot`` command, 1 after a crash (the board made safe first each time).
+    Options: ``--dir DIR`` (the charger's root: settings.json, secrets.json,
+    faults.json, ota.json and the OTA slots; default ``.``), ``--ctl-port N``
+    (UDP control port on 127.0.0.1, default 7700), ``--reset-cause TEXT``
+    (what the board reports as its reset reason; the harness's watchdog
+    passes ``watchdog``), ``--repl`` (return to the REPL of ``micropython
+    -i`` with the control loop running, for :mod:`firmware.diag`). With
+    ``mqtt_host`` set it connects to that broker like a real charger. Exits
+    0 on the ``quit`` command, 3 on a reboot request (a ``reboot`` command or
+    a switched OTA update), 1 after a crash (the board made safe each time).
     """
     from firmware.hal_sim import SimBoard, UdpControl
 
@@ -115,11 +149,10 @@ def sim(argv):
     def reboot():
         raise SystemExit(3)
 
-    uplink = link_up(cfg, secrets, charger, reboot)
+    uplink = link_up(cfg, secrets, charger, directory, reboot)
 
     def poll():
-        if uplink is not None:
-            uplink.poll()
+        uplink.poll()
         return control.poll()
 
     def crashed(exc):
@@ -128,11 +161,17 @@ def sim(argv):
         print("crash: %s: %s (board made safe)" % (type(exc).__name__, exc))
         return 1
 
-    code = supervise(lambda: app.run(charger, time, poll), board, crashed)
-    if uplink is not None:
+    done = []
+    diag.attach(charger, uplink, None)
+    _start_control(charger, board, poll, crashed, done)
+    if "--repl" in argv:
+        return
+    while not done:
+        time.sleep_ms(50)
+    if uplink.link is not None:
         uplink.link.stop()
     control.close()
-    sys.exit(code or 0)
+    sys.exit(done[0] or 0)
 
 
 def main():

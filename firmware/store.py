@@ -22,6 +22,21 @@ class OsFs:
     def remove(self, path):
         os.remove(path)
 
+    def mkdir(self, path):
+        os.mkdir(path)
+
+    def rmdir(self, path):
+        os.rmdir(path)
+
+    def listdir(self, path):
+        return os.listdir(path)
+
+    def isdir(self, path):
+        try:
+            return os.stat(path)[0] & 0x4000 != 0
+        except OSError:
+            return False
+
     def sync(self):
         # os.sync exists on some MicroPython ports and on CPython/Linux.
         fn = getattr(os, "sync", None)

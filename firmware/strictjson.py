@@ -14,16 +14,22 @@ cannot round up to 6.0 in the ESP32's 32-bit floats.
 """
 import json
 
-_DIGITS = "0123456789"
-_WS = " \t\n\r"
-_ESCAPES = '"\\/bfnrt'
-_HEX = "0123456789abcdefABCDEF"
+_DIGITS = b"0123456789"
+_WS = b" \t\n\r"
+_ESCAPES = b'"\\/bfnrt'
+_HEX = b"0123456789abcdefABCDEF"
 _MAX_DEPTH = 4
+# Byte values, so that the checker indexes bytes (O(1) on MicroPython, where
+# indexing a str walks its UTF-8 from the start).
+_LBRACE, _RBRACE, _LBRACK, _RBRACK = 0x7B, 0x7D, 0x5B, 0x5D
+_QUOTE, _BSLASH, _COLON, _COMMA = 0x22, 0x5C, 0x3A, 0x2C
+_MINUS, _PLUS, _DOT, _ZERO, _E, _E_UP, _U = 0x2D, 0x2B, 0x2E, 0x30, 0x65, 0x45, 0x75
 
 
 class _Checker:
-    def __init__(self, text, max_decimals):
-        self.s = text
+    def __init__(self, data, max_decimals):
+        self.s = data          # bytes
+        self.n = len(data)
         self.i = 0
         self.max_decimals = max_decimals
 
@@ -32,55 +38,54 @@ class _Checker:
 
     def ws(self):
         s = self.s
-        n = len(s)
-        while self.i < n and s[self.i] in _WS:
+        while self.i < self.n and s[self.i] in _WS:
             self.i += 1
 
     def peek(self):
-        return self.s[self.i] if self.i < len(self.s) else ""
+        return self.s[self.i] if self.i < self.n else -1
 
     def value(self, depth):
         self.ws()
         c = self.peek()
-        if c == "{":
+        if c == _LBRACE:
             self.obj(depth + 1)
-        elif c == "[":
+        elif c == _LBRACK:
             self.arr(depth + 1)
-        elif c == '"':
+        elif c == _QUOTE:
             self.string()
-        elif c == "-" or (c and c in _DIGITS):
+        elif c == _MINUS or (c >= 0 and c in _DIGITS):
             self.number()
         else:
-            for word in ("true", "false", "null"):
-                if self.s.startswith(word, self.i):
+            for word in (b"true", b"false", b"null"):
+                if self.s[self.i:self.i + len(word)] == word:
                     self.i += len(word)
                     return
-            self.fail("unexpected %r" % c)
+            self.fail("unexpected character")
 
     def obj(self, depth):
         if depth > _MAX_DEPTH:
             self.fail("nested too deep")
         self.i += 1
         self.ws()
-        if self.peek() == "}":
+        if self.peek() == _RBRACE:
             self.i += 1
             return
         while True:
             self.ws()
-            if self.peek() != '"':
+            if self.peek() != _QUOTE:
                 self.fail("key must be a string")
             self.string()
             self.ws()
-            if self.peek() != ":":
+            if self.peek() != _COLON:
                 self.fail("':' expected")
             self.i += 1
             self.value(depth)
             self.ws()
             c = self.peek()
             self.i += 1
-            if c == "}":
+            if c == _RBRACE:
                 return
-            if c != ",":
+            if c != _COMMA:
                 self.fail("',' or '}' expected")
 
     def arr(self, depth):
@@ -88,7 +93,7 @@ class _Checker:
             self.fail("nested too deep")
         self.i += 1
         self.ws()
-        if self.peek() == "]":
+        if self.peek() == _RBRACK:
             self.i += 1
             return
         while True:
@@ -96,59 +101,59 @@ class _Checker:
             self.ws()
             c = self.peek()
             self.i += 1
-            if c == "]":
+            if c == _RBRACK:
                 return
-            if c != ",":
+            if c != _COMMA:
                 self.fail("',' or ']' expected")
 
     def string(self):
         s = self.s
         self.i += 1
         while True:
-            if self.i >= len(s):
+            if self.i >= self.n:
                 self.fail("unterminated string")
             c = s[self.i]
             self.i += 1
-            if c == '"':
+            if c == _QUOTE:
                 return
-            if c < " ":
+            if c < 0x20:
                 self.fail("control character in string")
-            if c == "\\":
+            if c == _BSLASH:
                 e = self.peek()
                 self.i += 1
-                if e == "u":
+                if e == _U:
                     for _ in range(4):
-                        if self.peek() == "" or self.peek() not in _HEX:
+                        if self.peek() < 0 or self.peek() not in _HEX:
                             self.fail("bad \\u escape")
                         self.i += 1
-                elif e == "" or e not in _ESCAPES:
+                elif e < 0 or e not in _ESCAPES:
                     self.fail("bad escape")
 
     def digits(self):
         start = self.i
-        while self.peek() != "" and self.peek() in _DIGITS:
+        while self.i < self.n and self.s[self.i] in _DIGITS:
             self.i += 1
         return self.i - start
 
     def number(self):
-        if self.peek() == "-":
+        if self.peek() == _MINUS:
             self.i += 1
-        if self.peek() == "0":
+        if self.peek() == _ZERO:
             self.i += 1
         elif self.digits() == 0:
             self.fail("digit expected")
-        if self.peek() == ".":
+        if self.peek() == _DOT:
             self.i += 1
             n = self.digits()
             if n == 0:
                 self.fail("digit expected after '.'")
             if self.max_decimals is not None and n > self.max_decimals:
                 self.fail("more than %d decimals" % self.max_decimals)
-        if self.peek() in ("e", "E") and self.peek() != "":
+        if self.peek() in (_E, _E_UP):
             if self.max_decimals is not None:
                 self.fail("exponent not allowed")
             self.i += 1
-            if self.peek() in ("+", "-") and self.peek() != "":
+            if self.peek() in (_PLUS, _MINUS):
                 self.i += 1
             if self.digits() == 0:
                 self.fail("digit expected in exponent")
@@ -162,18 +167,19 @@ def loads(data, max_decimals=None):
     deeper than 4, and, when ``max_decimals`` is set, for a number with more
     decimals or with an exponent.
     """
-    if type(data) is not str:
-        for b in data:
-            if b >= 0x80:
-                raise ValueError("invalid JSON: non-ASCII byte")
-        data = data.decode()
-    else:
-        for c in data:
-            if ord(c) >= 0x80:
-                raise ValueError("invalid JSON: non-ASCII character")
+    if type(data) is str:
+        try:
+            data = data.encode()
+        except UnicodeError:
+            raise ValueError("invalid JSON: not encodable")
+    elif type(data) is not bytes:
+        data = bytes(data)
+    for b in data:
+        if b >= 0x80:
+            raise ValueError("invalid JSON: non-ASCII byte")
     chk = _Checker(data, max_decimals)
     chk.value(0)
     chk.ws()
-    if chk.i != len(data):
+    if chk.i != chk.n:
         chk.fail("trailing data")
     return json.loads(data)

@@ -30,7 +30,7 @@ MIN_GAP_MS = 250
 MAX_GAP_MS = 5000
 """Longest time between two state messages, ms (DESIGN.md §4: at least every 5 s)."""
 
-COMMANDS = ("reset_fault", "config", "reboot")
+COMMANDS = ("reset_fault", "config", "reboot", "ota")
 REMOTE_CONFIG = ("t_wd_s",)
 """Settings the server may change with ``cmd: config``. The unit rating and
 the installer max are local only: no message from the network may raise them."""
@@ -39,16 +39,23 @@ the installer max are local only: no message from the network may raise them."""
 class Uplink:
     """Wires one :class:`firmware.app.Charger` to one link.
 
-    ``link`` offers ``take()`` and ``offer_state(payload)``; ``fw`` is the
-    firmware version string; ``reboot`` (optional) is called for ``cmd:
-    reboot`` after the board has been made safe.
+    ``link`` offers ``take()`` and ``offer_state(payload)`` (None: no server
+    configured); ``fw`` is the firmware version string; ``reboot``
+    (optional) is called, after the board has been made safe, for ``cmd:
+    reboot``, for a switched OTA update, and when a new version failed to
+    prove itself; ``updater`` (:class:`firmware.ota.Updater`) takes ``cmd:
+    ota``; ``health`` (:class:`firmware.ota.Health`) keeps or drops a new
+    version.
     """
 
-    def __init__(self, charger, link, fw, reboot=None):
+    def __init__(self, charger, link, fw, reboot=None, updater=None, health=None):
         self.charger = charger
         self.link = link
         self.fw = fw
         self.reboot = reboot
+        self.updater = updater
+        self.health = health
+        self._ota_status = None
         self.seq = 0
         self.commands_refused = 0
         self._last_key = None
@@ -56,13 +63,39 @@ class Uplink:
         self._last_sent = None
 
     def poll(self):
-        """Deliver waiting messages, then publish the state when due."""
-        for kind, payload in self.link.take():
-            if kind == "set":
-                self.charger.on_setpoint(payload)
-            else:
-                self.command(payload)
-        self._report()
+        """Deliver waiting messages, run the update and health checks, then
+        publish the state when due."""
+        c = self.charger
+        if self.link is not None:
+            for kind, payload in self.link.take():
+                if kind == "set":
+                    c.on_setpoint(payload)
+                else:
+                    self.command(payload)
+        state = c.evse.state
+        up = self.updater
+        if up is not None:
+            due = up.poll(state)
+            if up.status != self._ota_status:
+                self._ota_status = up.status
+                c.log("ota %s: %s" % (up.status, up.detail))
+            if due:
+                self._reboot()
+        if self.health is not None:
+            verdict = self.health.step(c.arbiter.ack_seq is not None, c.evse.fault is None)
+            if verdict == "confirmed":
+                c.log("ota: version %s confirmed" % self.fw)
+                c.hal.mark_app_valid()   # an image update, if any, is kept only now
+            elif verdict == "reboot" and state not in ("C", "D"):
+                c.log("ota: version %s never proved itself: reboot to roll back" % self.fw)
+                self._reboot()
+        if self.link is not None:
+            self._report()
+
+    def _reboot(self):
+        self.charger.hal.safe_state()
+        if self.reboot:
+            self.reboot()
 
     def command(self, payload):
         """Carry out a ``cmd`` message (bytes). Returns True when done; a bad
@@ -87,9 +120,12 @@ class Uplink:
                         raise ValueError("%s cannot be changed remotely" % name)
                 c.settings.update(changes)
             elif cmd == "reboot":
-                c.hal.safe_state()
-                if self.reboot:
-                    self.reboot()
+                self._reboot()
+            elif cmd == "ota":
+                if self.updater is None:
+                    raise ValueError("no updater")
+                self.updater.request(msg.get("url"), msg.get("version"))
+                c.log("ota: %s requested, %s" % (msg.get("version"), self.updater.detail))
         except (ValueError, OSError) as exc:
             self.commands_refused += 1
             c.log("command refused: %s" % exc)
@@ -108,7 +144,8 @@ class Uplink:
             gap = MAX_GAP_MS
         st = c.status()
         key = (st["state"], st["pilot_a"], st["limit_by"], st["ack_seq"], st["fault"],
-               st["lockout"], st["relay"], st["offline_a"], st["start_a"])
+               st["lockout"], st["relay"], st["offline_a"], st["start_a"],
+               self.updater.status if self.updater else None)
         moved = abs(st["measured_a"] - self._last_measured) >= 0.5
         if key == self._last_key and not moved and gap < MAX_GAP_MS:
             return
@@ -120,7 +157,7 @@ class Uplink:
             "offline_a": st["offline_a"], "start_a": st["start_a"], "t_wd_s": st["t_wd_s"],
             "session_wh": c.session_wh(), "temp_c": st["temp_c"], "fault": st["fault"],
             "lockout": st["lockout"], "relay": st["relay"], "reset_reason": st["reset_reason"],
-            "fw": self.fw,
+            "fw": self.fw, "ota": self.updater.status if self.updater else None,
         }
         if self.link.offer_state(json.dumps(msg).encode()):
             self._last_key = key

@@ -47,7 +47,7 @@ class _CutFile:
         self.mode = mode
         if "w" in mode:
             fs.step("open")
-            fs.files[path] = ""
+            fs.files[path] = b"" if "b" in mode else ""
         elif path not in fs.files:
             raise OSError(2, "ENOENT")
 
@@ -62,6 +62,8 @@ class _CutFile:
 
     def read(self, n=-1):
         text = self.fs.files[self.path]
+        if "b" in self.mode and type(text) is str:
+            text = text.encode()
         return text if n is None or n < 0 else text[:n]
 
     def close(self):
@@ -75,8 +77,9 @@ class CutFs:
     reached ``files`` before the cut stays, as on flash. ``steps`` lists the
     names of the steps that completed."""
 
-    def __init__(self, files=None, cut_at=None):
+    def __init__(self, files=None, cut_at=None, dirs=None):
         self.files = dict(files or {})
+        self.dirs = set(dirs or ())
         self.cut_at = cut_at
         self.steps = []
 
@@ -98,3 +101,21 @@ class CutFs:
 
     def sync(self):
         self.step("sync")
+
+    def mkdir(self, path):
+        self.step("mkdir")
+        self.dirs.add(path)
+
+    def rmdir(self, path):
+        self.step("rmdir")
+        self.dirs.discard(path)
+
+    def isdir(self, path):
+        return path in self.dirs
+
+    def listdir(self, path):
+        names = set()
+        for p in list(self.files) + list(self.dirs):
+            if p.startswith(path + "/"):
+                names.add(p[len(path) + 1:].split("/")[0])
+        return sorted(names)

@@ -47,26 +47,36 @@ def free_udp_port() -> int:
 class SimCharger:
     """A firmware process on the unix port with its simulated board.
 
-    ``settings`` (dict) is written to its ``settings.json`` before start.
+    ``settings`` (dict) is written to its ``settings.json`` before start
+    (None: the charger keeps the files already in ``workdir``, as after a
+    power cycle).
     Use as a context manager; :meth:`send` sends a control command and
     :meth:`poll` returns the telemetry received (list of dicts).
 
-    It also plays the board's hardware watchdog (``machine.WDT``, 5 s), which
-    sits outside the firmware: :meth:`check_watchdog` resets a process whose
-    control loop stopped (no telemetry for ``watchdog_s``), restarts it with
-    the reset cause ``watchdog``, and plugs the same EV back in (it never left).
+    It also plays the board's reset circuitry, which sits outside the
+    firmware: :meth:`check_watchdog` resets a process whose control loop
+    stopped (no telemetry for ``watchdog_s``: the hardware watchdog), and
+    boots again a process that ended (exit 3: a reboot it asked for, such as
+    after an OTA switch; 1: a crash, after which a real board resets too),
+    with the matching reset cause, and plugs the same EV back in (it never
+    left). ``restart_on_exit=False`` leaves an ended process ended.
     """
 
-    def __init__(self, settings: dict, workdir: Path, port: int | None = None,
-                 watchdog_s: float = 5.0):
+    def __init__(self, settings: dict | None, workdir: Path, port: int | None = None,
+                 watchdog_s: float = 5.0, restart_on_exit: bool = True):
         self.workdir = workdir
+        self.restart_on_exit = restart_on_exit
+        self.exits: list[int] = []
         self.port = port or free_udp_port()
         self.watchdog_s = watchdog_s
         self.resets = 0
+        self.last_cause: str | None = None
+        self._closing = False
         self.last_seen: float | None = None
         self._plugged: dict | None = None
         workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "settings.json").write_text(json.dumps(settings))
+        if settings is not None:
+            (workdir / "settings.json").write_text(json.dumps(settings))
         self.log = open(workdir / "firmware.log", "w")
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.bind(("127.0.0.1", 0))
@@ -83,13 +93,21 @@ class SimCharger:
 
     def check_watchdog(self) -> bool:
         """Reset the firmware if its control loop has been silent for
-        ``watchdog_s``; returns True when it did (the new process is ready)."""
-        if self.last_seen is None or time.monotonic() - self.last_seen < self.watchdog_s:
+        ``watchdog_s``, or boot it again if it ended; returns True when it did
+        (the new process is ready)."""
+        code = self.proc.poll()
+        if code is not None and code != 0 and self.restart_on_exit and not self._closing:
+            self.exits.append(code)
+            cause = "reboot" if code == 3 else "crash"
+        elif self.last_seen is not None and time.monotonic() - self.last_seen >= self.watchdog_s:
+            self.proc.kill()
+            self.proc.wait()
+            cause = "watchdog"
+        else:
             return False
-        self.proc.kill()
-        self.proc.wait()
         self.resets += 1
-        self._launch("watchdog")
+        self.last_cause = cause
+        self._launch(cause)
         self.last_seen = None
         self.wait_ready()
         if self._plugged is not None:
@@ -133,6 +151,7 @@ class SimCharger:
         raise RuntimeError("no telemetry from the firmware process")
 
     def close(self) -> int:
+        self._closing = True
         if self.proc.poll() is None:
             self.send({"cmd": "quit"})
             try:

@@ -42,7 +42,7 @@ def build_parser():
     p = _Parser(prog="evse-server", description="Load-group server for load-sharing EV chargers.")
     p.add_argument("--db", default=os.environ.get("EVSE_SERVER_DB") or DEFAULT_DB,
                    help="SQLite database (default: $EVSE_SERVER_DB or ./%s)" % DEFAULT_DB)
-    top = p.add_subparsers(dest="area", required=True, metavar="{group,member,run}",
+    top = p.add_subparsers(dest="area", required=True, metavar="{group,member,ota,run}",
                            parser_class=_Parser)
 
     group = top.add_parser("group", help="create, list, show, change and delete load groups")
@@ -80,6 +80,18 @@ def build_parser():
     a.add_argument("--rating", type=float, required=True, metavar="A",
                    help="the charger's unit rating, A (6..80)")
     m.add_parser("remove", help="remove a charger from its group").add_argument("id")
+
+    o = top.add_parser("ota", help="push a signed update to a charger and follow it")
+    o.add_argument("member", help="charger id")
+    o.add_argument("--bundle", required=True, help="bundle directory from `evse-ota build`")
+    o.add_argument("--pubkey", help="ota_key.json to check the bundle against first")
+    o.add_argument("--broker", type=_broker, default=("localhost", 1883), metavar="HOST:PORT")
+    o.add_argument("--prefix", default="evse")
+    o.add_argument("--http-host", default="127.0.0.1",
+                   help="address the charger downloads from (default 127.0.0.1)")
+    o.add_argument("--http-port", type=int, default=0, help="HTTP port (default: any free one)")
+    o.add_argument("--timeout", type=float, default=600.0, metavar="S",
+                   help="how long to wait for the new version, s (default 600)")
 
     r = top.add_parser("run", help="run the MQTT load-group service")
     r.add_argument("--broker", type=_broker, default=("localhost", 1883), metavar="HOST:PORT",
@@ -138,6 +150,21 @@ def _show_group(gr, out):
 
 
 def _dispatch(args, store, out):
+    if args.area == "ota":
+        from pathlib import Path
+
+        from evse_tools.server import otapush
+        bundle = Path(args.bundle)
+        if not (bundle / "manifest.json").is_file():
+            raise StoreError("no bundle at %s (expected manifest.json)" % bundle)
+        if store.group_of(args.member) is None:
+            raise StoreError("unknown charger %r" % args.member)
+        try:
+            return otapush.push(bundle, args.member, args.broker, args.prefix, args.http_host,
+                                args.http_port, Path(args.pubkey) if args.pubkey else None,
+                                args.timeout, out=lambda s: out.write(s + "\n") or out.flush())
+        except ValueError as exc:
+            raise StoreError("bundle refused: %s" % exc) from exc
     if args.area == "run":
         try:
             from evse_tools.server import service

@@ -207,8 +207,8 @@ class LoadGroupSim:
                 self._next_event += 1
             for cid, ch in self.chargers.items():
                 if ch.check_watchdog():
-                    self.rec.events.append((self.now(), f"{cid}: watchdog reset"))
-                    self.out(f"{self.now():7.1f} s  -- {cid}: control loop hung, watchdog reset")
+                    self.rec.events.append((self.now(), f"{cid}: board reset ({ch.last_cause})"))
+                    self.out(f"{self.now():7.1f} s  -- {cid}: board reset ({ch.last_cause})")
                 got = ch.poll(0.0)
                 if got:
                     self.latest[cid] = got[-1]

@@ -1,0 +1,248 @@
+"""Over-the-air update of the firmware files: download, verify, install,
+switch, and the health check that keeps or rolls back a new version.
+
+The server's ``cmd`` ``{"v": 1, "cmd": "ota", "url": "http://host:port/b/",
+"version": "X.Y.Z"}`` names a bundle (``manifest.json`` and ``files/...``,
+built and signed by ``evse-ota build``). The :class:`Updater`:
+
+1. waits while a car is charging (state C): an update never starts then;
+2. downloads on a thread of its own, in chunks of 4 KB with a 5 s timeout
+   on every socket call, so the control loop never waits on it (C4);
+3. verifies the manifest's RSA signature against ``ota_key.json`` stored on
+   the charger, refuses anything not newer than the running version, and
+   checks the size and SHA-256 of every file as it streams in;
+4. writes the files into the OTA slot that is not running, then switches
+   with one atomic write (:func:`firmware.otaboot.switch`) and asks for a
+   reboot, which the control loop performs when no car is charging.
+
+Nothing is switched unless every check passed. Only ``firmware/`` files are
+installed; ``boot.py`` and ``main.py`` (which hold the rollback) are never
+replaced over the air.
+
+:class:`Health` then keeps the new version only once it has reached the
+server (a valid setpoint applied) and run ``health_s`` seconds; a version
+that has not managed that within 5 x ``health_s`` reboots, and the next boot
+rolls back (:func:`firmware.otaboot.select`).
+"""
+import _thread
+
+from firmware import otaboot, ota_verify, store
+
+CHUNK = 4096
+"""Download chunk, bytes."""
+TIMEOUT_S = 5
+"""Bound on every socket call of a download, s."""
+MAX_MANIFEST = 16384
+
+IDLE = "idle"
+DEFERRED = "deferred"
+RUNNING = "running"
+SWITCHED = "switched"
+FAILED = "failed"
+
+
+def _parse_url(url):
+    if type(url) is not str or not url.startswith("http://") or len(url) > 200:
+        raise ValueError("url must be http://host[:port]/path")
+    rest = url[7:]
+    host, _, path = rest.partition("/")
+    name, _, port = host.partition(":")
+    if not name or (port and not port.isdigit()):
+        raise ValueError("bad host in url")
+    return name, int(port) if port else 80, "/" + path
+
+
+def http_get(url, start=None, end=None, limit=MAX_MANIFEST, timeout_s=TIMEOUT_S):
+    """GET ``url`` (bytes ``start``..``end`` inclusive when given); return the
+    body. Every socket call is bounded by ``timeout_s``; raises OSError or
+    ValueError on any failure, and for a body over ``limit`` bytes."""
+    import socket
+    host, port, path = _parse_url(url)
+    s = socket.socket()
+    try:
+        s.settimeout(timeout_s)
+        s.connect(socket.getaddrinfo(host, port)[0][-1])
+        head = "GET %s HTTP/1.0\r\nHost: %s\r\n" % (path, host)
+        if start is not None:
+            head += "Range: bytes=%d-%d\r\n" % (start, end)
+        s.write((head + "\r\n").encode())
+        data = b""
+        while True:
+            got = s.read(1024)
+            if not got:
+                break
+            data += got
+            if len(data) > limit + 1024:
+                raise ValueError("response longer than %d bytes" % limit)
+    finally:
+        s.close()
+    header, sep, body = data.partition(b"\r\n\r\n")
+    if not sep:
+        raise ValueError("no HTTP header")
+    status = header.split(b"\r\n", 1)[0].split()
+    if len(status) < 2 or status[1] not in (b"200", b"206"):
+        raise ValueError("HTTP status %s" % (status[1:2] or [b"?"])[0].decode())
+    if len(body) > limit:
+        raise ValueError("response longer than %d bytes" % limit)
+    return body
+
+
+def _wipe(fs, path):
+    if not fs.isdir(path):
+        return
+    for name in fs.listdir(path):
+        sub = path + "/" + name
+        if fs.isdir(sub):
+            _wipe(fs, sub)
+        else:
+            fs.remove(sub)
+    fs.rmdir(path)
+
+
+def _makedirs(fs, path):
+    built = "/" if path.startswith("/") else ""
+    for part in path.split("/"):
+        if not part:
+            continue
+        built = built + part if built in ("", "/") else built + "/" + part
+        if not fs.isdir(built):
+            fs.mkdir(built)
+
+
+def install(root, manifest, fetch, current, key, fs=store.FS, progress=None):
+    """Verify and install a bundle, then switch to it. Returns the new
+    version. ``manifest``: the manifest's bytes; ``fetch(path, start, end)``:
+    bytes of one file; ``current``: the running version; ``key``: (n, e).
+    Raises ValueError (refused: bad signature, not newer, a hash or size
+    mismatch) or OSError (download or flash failure); either way nothing is
+    switched and the running slot is untouched."""
+    body = ota_verify.verify_manifest(manifest, key)
+    if not ota_verify.is_upgrade(body["version"], current):
+        raise ValueError("version %s is not newer than %s" % (body["version"], current))
+    state = otaboot.read_state(root, fs)
+    slot = otaboot.inactive(state)
+    base = otaboot.join(root, "ota", slot)
+    _wipe(fs, base)
+    files = [f for f in body["files"] if f["path"].startswith("firmware/")]
+    if not files:
+        raise ValueError("bundle has no firmware files")
+    for i, entry in enumerate(files):
+        path = otaboot.join(base, entry["path"])
+        _makedirs(fs, path.rsplit("/", 1)[0])
+        check = ota_verify.FileCheck(entry["size"], entry["sha256"])
+        f = fs.open(path + ".part", "wb")
+        try:
+            pos = 0
+            while pos < entry["size"]:
+                chunk = fetch(entry["path"], pos, min(pos + CHUNK, entry["size"]) - 1)
+                if not chunk:
+                    raise ValueError("%s: download ended at %d bytes" % (entry["path"], pos))
+                check.update(chunk)
+                f.write(chunk)
+                pos += len(chunk)
+        finally:
+            f.close()
+        check.finish()
+        fs.rename(path + ".part", path)
+        if progress:
+            progress(i + 1, len(files))
+    otaboot.switch(root, slot, body["version"], fs)
+    return body["version"]
+
+
+class Updater:
+    """Runs one update at a time for the control loop. ``root``: device root;
+    ``current``: the running version. The control loop calls :meth:`request`
+    with a ``cmd: ota`` and :meth:`poll` every tick with the EVSE state;
+    ``status`` tells where it is (``idle``, ``deferred``, ``running``,
+    ``switched``, ``failed``), ``detail`` why. :meth:`poll` returns True once a
+    new version is switched in and no car is charging: time to reboot."""
+
+    def __init__(self, root, current, fs=store.FS, fetcher=None):
+        self.root = root
+        self.current = current
+        self.fs = fs
+        self.fetcher = fetcher or http_get
+        self.status = IDLE
+        self.detail = ""
+        self._request = None
+
+    def request(self, url, version):
+        """Take an ``ota`` command. Raises ValueError for a bad url or version,
+        or while an update runs."""
+        _parse_url(url)
+        ota_verify.parse_version(version)
+        if self.status == RUNNING:
+            raise ValueError("an update is already running")
+        if not ota_verify.is_upgrade(version, self.current):
+            raise ValueError("version %s is not newer than %s" % (version, self.current))
+        self._request = (url if url.endswith("/") else url + "/", version)
+        self.status = DEFERRED
+        self.detail = "waiting until no car is charging"
+
+    def poll(self, evse_state):
+        """Start a deferred update once the EVSE is not in state C; report
+        True when a switched update may reboot now (not in state C)."""
+        charging = evse_state in ("C", "D")
+        if self.status == DEFERRED and not charging and self._request is not None:
+            self.status = RUNNING
+            self.detail = "downloading"
+            _thread.start_new_thread(self._run, (self._request,))
+            self._request = None
+        return self.status == SWITCHED and not charging
+
+    def _run(self, req):
+        url, _version = req
+        try:
+            key = ota_verify.load_key(store.read_text(otaboot.join(self.root, "ota_key.json"), self.fs, 4096) or "")
+            manifest = self.fetcher(url + "manifest.json")
+
+            def fetch(path, start, end):
+                return self.fetcher(url + "files/" + path, start, end, CHUNK)
+
+            def progress(done, total):
+                self.detail = "installed %d of %d files" % (done, total)
+
+            version = install(self.root, manifest, fetch, self.current, key, self.fs, progress)
+            self.detail = "version %s switched in, reboot pending" % version
+            self.status = SWITCHED
+        except Exception as exc:  # refused or failed: nothing was switched
+            self.detail = "%s: %s" % (type(exc).__name__, exc)
+            self.status = FAILED
+
+
+class Health:
+    """Keeps a freshly switched version (see the module text). ``clock``
+    gives ticks; ``health_s``: how long it must run healthy once it has
+    reached the server."""
+
+    def __init__(self, root, clock, health_s, fs=store.FS):
+        self.root = root
+        self.clock = clock
+        self.health_s = health_s
+        self.fs = fs
+        self.pending = otaboot.read_state(root, fs)["pending"]
+        self._since = clock.ticks_ms()
+        self._healthy_since = None
+        self.confirmed = False
+
+    def step(self, reached_server, healthy):
+        """Call every tick: ``reached_server`` (a valid setpoint applied) and
+        ``healthy`` (no fault). Returns ``"confirmed"`` when the version is
+        kept now, ``"reboot"`` when it failed to prove itself in time, else
+        None."""
+        if not self.pending or self.confirmed:
+            return None
+        now = self.clock.ticks_ms()
+        if reached_server and healthy:
+            if self._healthy_since is None:
+                self._healthy_since = now
+            elif self.clock.ticks_diff(now, self._healthy_since) >= self.health_s * 1000:
+                otaboot.confirm(self.root, self.fs)
+                self.confirmed = True
+                return "confirmed"
+        else:
+            self._healthy_since = None
+        if self.clock.ticks_diff(now, self._since) >= 5 * self.health_s * 1000:
+            return "reboot"
+        return None
