@@ -14,13 +14,14 @@ DEVICE_PY := boot.py main.py $(wildcard firmware/*.py)
 # MicroPython's module path (it replaces the default, so .frozen stays first).
 FW_PATH := .frozen:$(CURDIR):$(CURDIR)/lib
 
-.PHONY: help sim charger test test-cpython test-mpy check lib venv clean flash deploy repl provision
+.PHONY: help sim charger test test-cpython test-mpy check lib venv clean bench flash deploy repl provision
 
 help:
 	@echo "make sim         the simulated load group (SCENARIO=garage|shortage|busy-day)"
 	@echo "make charger     one simulated charger, no server"
 	@echo "make test        all tests: CPython, MicroPython unix port, make check"
 	@echo "make check       mpy-cross + pyright on every device-side file"
+	@echo "make bench       benchmarks: tables on stdout, JSON in out/bench.json (QUICK=1: a smoke run)"
 	@echo "make lib         install device libraries (umqtt.simple) into lib/"
 	@echo "make clean       remove .venv, build/ and installed lib/ code"
 	@echo "make flash       write MicroPython to a charger: IMAGE=file.bin PORT=/dev/ttyUSB0 [CHIP=esp32s3]"
@@ -76,6 +77,10 @@ check: $(STAMP)
 	done; echo "compiled: $$(find $(MPY_BUILD) -name '*.mpy' | wc -l) files, $$(cat $$(find $(MPY_BUILD) -name '*.mpy') | wc -c) bytes"
 	@echo "== pyright (micropython-esp32-stubs)"
 	$(BIN)/pyright --typeshedpath "$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" $(DEVICE_PY)
+
+# Benchmarks print figures; they are never timed assertions in tests.
+bench: $(STAMP) $(UMQTT)
+	$(BIN)/python -m evse_tools.bench.run --out out/bench.json $(if $(QUICK),--quick,)
 
 clean:
 	rm -rf $(VENV) build out .pytest_cache .hypothesis lib/umqtt

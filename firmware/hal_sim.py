@@ -52,6 +52,8 @@ class SimBoard(Board):
         self.reset_reason = "power_on"
         self.wdt_timeout_ms = 5000    # as the ESP32 board's machine.WDT
         self._fed_at = None
+        self.pilot_at = 0             # tick of the last pilot write (benchmarks)
+        self.relay_at = 0             # tick of the last contactor change
         self._last_step = clock.ticks_ms()
 
     # -- simulation ------------------------------------------------------------
@@ -78,6 +80,7 @@ class SimBoard(Board):
     def _record(self, mode, duty):
         self.pilot_mode = mode
         self.duty = duty
+        self.pilot_at = self.clock.ticks_ms()
         if len(self.history) >= 64:
             self.history.pop(0)
         self.history.append((self.clock.ticks_ms(), mode, duty))
@@ -110,6 +113,8 @@ class SimBoard(Board):
         return high, low
 
     def set_relay(self, closed):
+        if bool(closed) != self.relay:
+            self.relay_at = self.clock.ticks_ms()
         self.relay = bool(closed)
 
     def measured_a(self):
@@ -187,6 +192,9 @@ class UdpControl:
       offered; ``null`` ends it), ``{"cmd": "reset_fault"}`` (as the remote
       command), ``{"cmd": "hang"}`` (the control loop hangs for good: the
       board's watchdog, played by the harness, must reset it).
+    * ``{"cmd": "mem", "collect": true}``: answers ``{"mem_alloc": ...,
+      "mem_free": ...}`` (bytes, after ``gc.collect()`` unless ``collect`` is
+      false), for benchmarks.
 
     Every command is answered: ``{"ok": true}`` (``{"ok": false}`` for a
     refused setpoint) or ``{"error": "..."}``; a bad command changes nothing. Telemetry (``{"t_ms": ..., "state": ..., ...}``, the
@@ -283,6 +291,11 @@ class UdpControl:
                 b.ev.overdraw_a = msg["a"]
             elif cmd == "reset_fault":
                 return {"ok": self.charger.reset_fault()}
+            elif cmd == "mem":
+                import gc
+                if msg.get("collect", True):
+                    gc.collect()
+                return {"mem_alloc": gc.mem_alloc(), "mem_free": gc.mem_free()}
             elif cmd == "hang":
                 self._send({"ok": True}, addr)
                 while True:    # the control loop hangs here: only the watchdog ends it
@@ -311,6 +324,9 @@ class UdpControl:
         self._last_sent = now
         ev = self.board.ev
         st["t_ms"] = self.board.clock.ticks_diff(now, self._t0)
+        st["tick_ms"] = now
+        st["pilot_at"] = self.board.pilot_at
+        st["relay_at"] = self.board.relay_at
         st["soc"] = ev.soc if ev else None
         st["energy_wh"] = ev.energy_wh if ev else 0.0
         st["ev"] = ev.name if ev else None

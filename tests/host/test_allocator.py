@@ -126,3 +126,14 @@ def test_server_pushes_the_group_watchdog_timeout_to_a_charger_that_differs(tmp_
         svc.handle("evse/c1/state", b'{"v":1,"state":"C","pilot_a":' + b"9" * 400 + b'}', 0.2)
         svc.step(client, 0.3)                     # still serving
         assert svc.rejected == 1
+
+
+def test_restarted_server_never_pauses_a_charging_car_while_it_waits_for_the_others():
+    # Found in the garage run: while waiting for every member to report after
+    # a restart, a reported member was held at "0 A", pausing its car.
+    a = Allocator(GARAGE, [Member("a", 40, hold_a=8), Member("b", 40, hold_a=8)], 2, 0.0,
+                  restarted=True)
+    a.on_report("a", report("C", pilot=8, measured=8, ack=5, epoch=1, limit_by="offline"), 0.1)
+    cmds = a.step(0.2)                        # b has not reported yet
+    assert [c.current_a for c in cmds if c.member == "a"] in ([], [8.0])
+    assert all(c.member != "b" for c in cmds)

@@ -70,6 +70,7 @@ class SimCharger:
         self.port = port or free_udp_port()
         self.watchdog_s = watchdog_s
         self.resets = 0
+        self.replies: list[dict] = []     # answers to commands (e.g. mem)
         self.last_cause: str | None = None
         self._closing = False
         self.last_seen: float | None = None
@@ -135,6 +136,8 @@ class SimCharger:
                 self.last_seen = time.monotonic()
             elif "error" in msg:
                 raise RuntimeError(f"charger refused a command: {msg['error']}")
+            else:
+                self.replies.append(msg)
             self.sock.settimeout(0)
 
     def wait_ready(self, timeout: float = 10.0) -> dict:

@@ -568,7 +568,11 @@ class Allocator:
         """No increase for ``m`` now: keep its current setpoint, but let lower
         offline and start currents through, and refresh its lease."""
         last = m.last_sent()
-        keep = last.current_a if last is not None else 0.0
+        r = m.report
+        # Nothing sent yet in this epoch (a restarted server): keep what the
+        # charger offers now, which its hold already counts; never pause it.
+        keep = last.current_a if last is not None else (
+            float(math.floor(min(r.pilot_a, m.unit_rating_a))) if r is not None else 0.0)
         keep_start = min(start, _start_stored(m), last.start_a if last else start)
         keep_off = min(off, _offline_stored(m), last.offline_a if last else off)
         m.target_a, m.binding = keep, why
