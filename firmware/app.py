@@ -11,6 +11,7 @@ writes outputs that changed, and feeds the hardware watchdog. Network code
 (issue 3) hands messages to :meth:`Charger.on_setpoint` between ticks.
 """
 from firmware import evse as _evse
+from firmware import store
 from firmware.faults import FaultLog
 from firmware.limit import LimitArbiter
 from firmware.pilot import PilotReader
@@ -42,9 +43,19 @@ class Charger:
         self.arbiter = LimitArbiter(clock, settings, now)
         self.evse = _evse.Evse(clock)
         self.reader = PilotReader()
-        self.fault_log = FaultLog(settings.path[:-len("settings.json")] + "faults.json", settings.fs)
+        prefix = settings.path[:-len("settings.json")]
+        self.fault_log = FaultLog(prefix + "faults.json", settings.fs)
         self.safety = Safety(clock, self._record_fault)
         self.reset_reason = hal.reset_cause()
+        # A lockout ends only with a power cycle or a remote reset (C9): any
+        # other reset (watchdog, crash, reboot) finds it again on flash.
+        self._lock_path = prefix + "lockout.json"
+        self._lock_saved = False
+        held = store.read_text(self._lock_path, settings.fs, 64)
+        if held and self.reset_reason != "power_on":
+            self.evse.trip(held.strip(), now)
+            self.safety.trip_restored(held.strip())
+            self._lock_saved = True
         self.limit_a = 0
         self.limit_by = "start"
         self.events = []
@@ -55,6 +66,7 @@ class Charger:
         self._session_mah = 0
         self._new_faults = []
         self._requests = []      # from other threads (diagnostics): done by the control loop
+        self.stopping = False
         self._manual_test = False
         self.results = {}        # request name -> outcome text
         self._pilot = None   # what the hardware was last told
@@ -100,11 +112,19 @@ class Charger:
         not be restarted by a stray reset."""
         if self.evse.fault is None:
             return True
-        if self.safety.reset(self.evse, self.clock.ticks_ms()):
+        if self.safety.reset(self.evse, self.clock.ticks_ms(), self.hal):
             self.reader = PilotReader()
             self.log("fault reset")
             return True
         return False
+
+    def _save_lockout(self):
+        try:
+            code = (self.evse.fault or "") if self.safety.lockout else ""
+            store.write_atomic(self._lock_path, code, self.settings.fs)
+            self._lock_saved = self.safety.lockout
+        except OSError as exc:
+            self.log("lockout not saved: %s" % exc)
 
     def _record_fault(self, code, detail):
         self._new_faults.append((code, detail))
@@ -129,7 +149,7 @@ class Charger:
                     self._manual_test = True
                     self._test_started = now
             elif name == "stop":
-                raise SystemExit(0)
+                self.stopping = True       # pause first: the contactor opens with the EV in B, or 6 s
         if self._manual_test:
             s = self.safety
             if s.may_close(now, self.hal, self.evse, True):
@@ -162,8 +182,7 @@ class Charger:
             self.log("session start: EV in %s" % state)
         elif evse.session_ended:
             self.log("session end: EV in %s" % state)
-            if evse.fault is None:
-                self.safety.session_ended()
+            self.safety.session_ended()
         if self.safety.step(now, evse, hal, self._relay, self.pilot_a(), hal.measured_a(),
                             self.reader.diode_ok, pwm_on):
             self.reader = PilotReader()     # retry: read the EV afresh, new session
@@ -174,6 +193,8 @@ class Charger:
         arbiter.fault = evse.fault
         arbiter.thermal_level = self.safety.derate.level
         amps, why = arbiter.limit(now)
+        if self.stopping and amps:
+            amps, why = 0, "pause"
         if amps != self.limit_a or why != self.limit_by:
             self.log("limit %s A (%s)" % (amps, why))
         self.limit_a = amps
@@ -185,6 +206,10 @@ class Charger:
         evse.outputs(amps, self.reader.diode_ok, now, may_close)
         self._apply(now)
         hal.feed_wdt()
+        if self.stopping and not self._relay:
+            raise SystemExit(0)            # the loop ends; the board is made safe
+        if self.safety.lockout != self._lock_saved:
+            self._save_lockout()
         while self._new_faults:   # after the outputs: the contactor is already open
             code, detail = self._new_faults.pop(0)
             self.fault_log.add(self.uptime_s, code, detail)
@@ -246,7 +271,7 @@ class Charger:
         """Snapshot for reports and diagnostics: a dict with ``state``,
         ``pilot_a``, ``duty_u16``, ``relay``, ``measured_a``, ``limit_a``,
         ``limit_by``, ``ack_seq``, ``epoch``, ``lease_age_ms``, ``online``,
-        ``offline_a``, ``start_a``, ``t_wd_s``, ``fault``, ``lockout``,
+        ``offline_a``, ``start_a``, ``t_wd_s``, ``fault``, ``lockout``, ``output_live``,
         ``temp_c``, ``reset_reason``, ``high_mv``, ``low_mv``, ``diode_ok``."""
         now = self.clock.ticks_ms()
         s = self.settings
@@ -256,6 +281,7 @@ class Charger:
             "pilot_a": self.pilot_a(),
             "duty_u16": self._duty if self._pilot == _evse.PILOT_PWM else 0,
             "relay": bool(self._relay),
+            "output_live": bool(self.hal.relay_sense()),
             "measured_a": self.hal.measured_a(),
             "limit_a": self.limit_a,
             "limit_by": self.limit_by,

@@ -19,6 +19,9 @@ same validation as the MQTT path.
 """
 import time
 
+COMMISSIONING = ("unit_rating_a", "installer_max_a")
+"""Limits only provisioning may change: no typo at the REPL may raise them."""
+
 _charger = None
 _uplink = None
 _wlan = None
@@ -100,6 +103,10 @@ def settings():
 def set(key, value):
     """Change one setting with the same validation as the MQTT path; persist
     it. Prints ``refused: ...`` and changes nothing on a bad key or value."""
+    if key in COMMISSIONING:
+        print("refused: %s is a commissioning value: set it with `make provision`, which parks "
+              "the charger first" % key)
+        return False
     try:
         changed = _c().settings.set(key, value)
     except ValueError as exc:

@@ -120,8 +120,15 @@ def install(root, manifest, fetch, current, key, fs=store.FS, progress=None):
     if not ota_verify.is_upgrade(body["version"], current):
         raise ValueError("version %s is not newer than %s" % (body["version"], current))
     state = otaboot.read_state(root, fs)
+    if state["pending"]:
+        # The running slot is on trial and the other one is its way back:
+        # neither may be touched until the trial ends.
+        raise ValueError("version %s is still on trial: try again once it is kept" % state["version"])
     slot = otaboot.inactive(state)
     base = otaboot.join(root, "ota", slot)
+    marker = otaboot.join(base, otaboot.MARK)
+    if fs.isdir(base) and store.read_text(marker, fs, 64) is not None:
+        fs.remove(marker)            # first: a half-wiped slot is never "complete"
     _wipe(fs, base)
     files = [f for f in body["files"] if f["path"].startswith("firmware/")]
     if not files:
@@ -146,6 +153,7 @@ def install(root, manifest, fetch, current, key, fs=store.FS, progress=None):
         fs.rename(path + ".part", path)
         if progress:
             progress(i + 1, len(files))
+    store.write_atomic(marker, body["version"], fs)
     otaboot.switch(root, slot, body["version"], fs)
     return body["version"]
 
@@ -172,8 +180,10 @@ class Updater:
         or while an update runs."""
         _parse_url(url)
         ota_verify.parse_version(version)
-        if self.status == RUNNING:
-            raise ValueError("an update is already running")
+        if self.status in (RUNNING, SWITCHED):
+            raise ValueError("an update is already %s" % self.status)
+        if otaboot.read_state(self.root, self.fs)["pending"]:
+            raise ValueError("the running version is still on trial: try again once it is kept")
         if not ota_verify.is_upgrade(version, self.current):
             raise ValueError("version %s is not newer than %s" % (version, self.current))
         self._request = (url if url.endswith("/") else url + "/", version)

@@ -76,9 +76,19 @@ def inactive(state):
     return "b" if state["active"] == "a" else "a"
 
 
+MARK = "complete"
+"""File written last into a slot by an install; a slot without it is never booted."""
+
+
+def complete(root, slot, fs=store.FS):
+    """True when ``slot`` is the factory firmware or a finished install."""
+    return slot == FACTORY or store.read_text(join(root, "ota", slot, MARK), fs, 64) is not None
+
+
 def select(root, fs=store.FS):
     """At boot: return ``(slot, path)`` to run, rolling back a pending slot
-    that already had its boot. Writes ``ota.json`` when something changes."""
+    that already had its boot, and never booting a slot that is not complete
+    (the factory firmware then). Writes ``ota.json`` when something changes."""
     state = read_state(root, fs)
     if state["pending"]:
         if state["boots"] >= 1:
@@ -86,6 +96,10 @@ def select(root, fs=store.FS):
                      "boots": 0, "version": None, "rolled_back": state["active"]}
         else:
             state["boots"] += 1
+        _write(root, state, fs)
+    if not complete(root, state["active"], fs):
+        state = {"active": FACTORY, "previous": FACTORY, "pending": False, "boots": 0,
+                 "version": None, "rolled_back": state["active"]}
         _write(root, state, fs)
     return state["active"], slot_path(root, state["active"])
 

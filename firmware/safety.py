@@ -22,6 +22,8 @@ OVERCURRENT_MS = 7000
 DIODE_MS = 1000
 """PWM running this long in B, C or D without a -12 V low level: diode fault, ms."""
 
+NAN = float("nan")
+
 _IDLE = 0
 _TESTING = 1
 _RELEASING = 2
@@ -53,6 +55,7 @@ class Safety:
         self._weld_check_at = None
         self._over_since = None
         self._diode_since = None
+        self._fault = None          # the fault whose policy is in force
 
     def _diff(self, a, b):
         return self.clock.ticks_diff(a, b)
@@ -65,6 +68,12 @@ class Safety:
         if evse.fault is not None:
             return
         evse.trip(code, now)
+        self._adopt(code, now, detail)
+
+    def _adopt(self, code, now, detail=""):
+        # Decide how fault ``code``, just latched, ends; record it. Also for
+        # the pilot faults the state machine latches by itself.
+        self._fault = code
         pol = faults.policy(code)
         self.retry_at = None
         if pol == faults.LOCKOUT:
@@ -80,17 +89,27 @@ class Safety:
         if self.record:
             self.record(code, ("lockout " if self.lockout else "") + detail)
 
-    def reset(self, evse, now):
+    def trip_restored(self, code):
+        """A lockout found on flash at boot (see :class:`firmware.app.Charger`)."""
+        self._fault = code
+        self.lockout = True
+
+    def reset(self, evse, now, board=None):
         """Remote ``reset_fault`` (or the technician's): clears a lockout and
         the retry count, then the fault itself once it has been held 300 ms.
-        Returns True when no fault remains."""
+        A welded contactor whose output is still live is not cleared: it is
+        always a lockout. Returns True when no fault remains."""
         if evse.fault is None:
             return True
+        if board is not None and board.relay_sense():
+            return False
         if not evse.clear_fault(now):
             return False
         self.lockout = False
         self.retries = 0
         self.retry_at = None
+        self._fault = None
+        self.contactor(False, now)      # and check for a weld again
         return True
 
     def _recover(self, evse, now, level):
@@ -108,7 +127,9 @@ class Safety:
             due = False
         if due:
             self.retry_at = None
-            return evse.clear_fault(now)
+            if evse.clear_fault(now):
+                self._fault = None
+                return True
         return False
 
     # -- the tick -----------------------------------------------------------------
@@ -119,13 +140,29 @@ class Safety:
         ``diode_ok``/``pwm_on``: the pilot reader's diode check and whether
         PWM runs. Trips ``evse`` on a fault; returns True when a fault cleared
         this tick (the caller then re-reads the pilot from scratch)."""
-        level = self.derate.update(board.temp_c())
+        try:
+            temp = board.temp_c()
+            temp = float(temp) if type(temp) in (int, float) and -100 < temp < 1000 else NAN
+        except Exception:  # a broken sensor: stop, as at 71 degrees C
+            temp = NAN
+        level = self.derate.update(temp)
+        # The weld check runs whatever else is going on: a contactor welded
+        # while opening on a fault must be found now, not at the retry.
+        if not relay and self._weld_check_at is not None and self._diff(now, self._weld_check_at) >= 0:
+            self._weld_check_at = None
+            if board.relay_sense():
+                if evse.fault is not None:
+                    evse.fault = None          # replaced by the worse one
+                self.trip(evse, faults.RELAY_WELDED, now)
+                return False
         if evse.fault is not None:
+            if evse.fault != self._fault:      # latched by the state machine (pilot)
+                self._adopt(evse.fault, now)
             self._over_since = None
             self._diode_since = None
             return self._recover(evse, now, level)
         if level >= thermal.STOP:
-            self.trip(evse, faults.OVER_TEMP, now, "%.1f C" % board.temp_c())
+            self.trip(evse, faults.OVER_TEMP, now, "temperature %s" % temp)
             return False
         if self._phase in (_IDLE, _PASSED) and board.gfci_tripped():
             self.trip(evse, faults.GFCI, now)
@@ -134,11 +171,6 @@ class Safety:
             self._ground_check_at = None
             if not board.ground_ok():
                 self.trip(evse, faults.NO_GROUND, now)
-                return False
-        if not relay and self._weld_check_at is not None and self._diff(now, self._weld_check_at) >= 0:
-            self._weld_check_at = None
-            if board.relay_sense():
-                self.trip(evse, faults.RELAY_WELDED, now)
                 return False
         if relay and offer_a > 0 and measured_a > offer_a + max(2, offer_a / 10):
             if self._over_since is None:
@@ -169,9 +201,11 @@ class Safety:
         else:
             self._weld_check_at = self.clock.ticks_add(now, RELAY_SETTLE_MS)
             self._ground_check_at = None
+            self._closed_at = None     # the early-trip window applies while closed only
 
     def session_ended(self):
-        """The EV left without a fault: the retry count starts afresh."""
+        """The EV left (with or without a fault): the retry count starts
+        afresh for the next car; a lockout stays."""
         if not self.lockout:
             self.retries = 0
 
@@ -181,7 +215,8 @@ class Safety:
         on, the CCID must trip; off, it must clear) and returns True once it
         passed. A failed test is a ``gfci_selftest`` fault: no close."""
         phase = self._phase
-        if not wants:
+        if not wants or self._weld_check_at is not None:
+            # (and no close before the weld check of the last open has run)
             if phase in (_TESTING, _RELEASING):
                 board.gfci_test(False)
             self._phase = _IDLE

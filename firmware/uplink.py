@@ -17,8 +17,9 @@ of 0.5 A or more), at most every 250 ms, and at least every 5 s::
      "reset_reason": "power_on", "fw": "0.4.0"}
 
 ``ack_epoch``, ``relay``, ``lockout`` and ``reset_reason`` extend the
-contract compatibly: ``relay`` lets the server see the contactor open before
-it frees a faulted member's budget; ``lockout`` says the fault will not
+contract compatibly: ``relay`` (true while the contactor is driven closed
+*or* its output is sensed live, so a welded contactor never reads open) lets
+the server see the contactor open before it frees a faulted member's budget; ``lockout`` says the fault will not
 retry by itself; ``reset_reason`` says why the charger last booted.
 """
 import json
@@ -34,6 +35,11 @@ COMMANDS = ("reset_fault", "config", "reboot", "ota")
 REMOTE_CONFIG = ("t_wd_s",)
 """Settings the server may change with ``cmd: config``. The unit rating and
 the installer max are local only: no message from the network may raise them."""
+
+
+def _finite(x):
+    # MicroPython writes NaN as ``nan``, which is no JSON: a broken sensor reports null.
+    return x if type(x) in (int, float) and x == x and -1000 < x < 1000 else None
 
 
 class Uplink:
@@ -56,6 +62,7 @@ class Uplink:
         self.updater = updater
         self.health = health
         self._ota_status = None
+        self._reboot_pending = False
         self.seq = 0
         self.commands_refused = 0
         self._last_key = None
@@ -81,6 +88,9 @@ class Uplink:
                 c.log("ota %s: %s" % (up.status, up.detail))
             if due:
                 self._reboot()
+        if self._reboot_pending and state not in ("C", "D"):
+            self._reboot_pending = False
+            self._reboot()
         if self.health is not None:
             verdict = self.health.step(c.arbiter.ack_seq is not None, c.evse.fault is None)
             if verdict == "confirmed":
@@ -120,7 +130,7 @@ class Uplink:
                         raise ValueError("%s cannot be changed remotely" % name)
                 c.settings.update(changes)
             elif cmd == "reboot":
-                self._reboot()
+                self._reboot_pending = True     # when no car is charging (C/D)
             elif cmd == "ota":
                 if self.updater is None:
                     raise ValueError("no updater")
@@ -155,8 +165,9 @@ class Uplink:
             "pilot_a": st["pilot_a"], "measured_a": round(st["measured_a"], 1),
             "limit_by": st["limit_by"], "ack_seq": st["ack_seq"], "ack_epoch": st["epoch"],
             "offline_a": st["offline_a"], "start_a": st["start_a"], "t_wd_s": st["t_wd_s"],
-            "session_wh": c.session_wh(), "temp_c": st["temp_c"], "fault": st["fault"],
-            "lockout": st["lockout"], "relay": st["relay"], "reset_reason": st["reset_reason"],
+            "session_wh": c.session_wh(), "temp_c": _finite(st["temp_c"]), "fault": st["fault"],
+            "lockout": st["lockout"], "relay": st["relay"] or st["output_live"],
+            "reset_reason": st["reset_reason"],
             "fw": self.fw, "ota": self.updater.status if self.updater else None,
         }
         if self.link.offer_state(json.dumps(msg).encode()):

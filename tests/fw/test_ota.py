@@ -169,3 +169,25 @@ def test_ota_request_for_a_version_not_newer_is_refused_at_once():
     raises(ValueError, up.request, "http://server/b/", "0.4.0")
     raises(ValueError, up.request, "ftp://server/b/", "1.0.0")
     assert up.status == ota.IDLE
+
+
+def test_a_second_update_while_the_first_is_on_trial_is_refused_and_wipes_nothing():
+    # Found in review: it wiped the rollback target, and a failed second
+    # install then bricked the charger.
+    fs = device()
+    manifest, fetch = bundle("good")
+    ota.install(ROOT, manifest, fetch, "0.4.0", key(fs), fs)
+    otaboot.select(ROOT, fs)                    # booted once, on trial
+    before = dict(fs.files)
+    raises(ValueError, ota.install, ROOT, manifest, fetch, "0.4.0", key(fs), fs)
+    assert fs.files == before
+    up = ota.Updater(ROOT, "9.9.1", fs)
+    raises(ValueError, up.request, "http://server/b/", "9.9.2")
+
+
+def test_a_slot_without_its_completion_mark_is_never_booted():
+    fs = device()
+    manifest, fetch = bundle("good")
+    ota.install(ROOT, manifest, fetch, "0.4.0", key(fs), fs)
+    del fs.files["dev/ota/a/complete"]
+    assert otaboot.select(ROOT, fs) == ("factory", None)

@@ -231,3 +231,159 @@ def test_fault_is_reported_with_limit_by_fault_in_the_state_message():
     msg = json.loads(link.sent[-1])
     assert msg["fault"] == faults.GFCI and msg["limit_by"] == "fault"
     assert msg["relay"] is False and msg["lockout"] is True   # 4 s after closing: early trip
+
+
+# -- found in review ------------------------------------------------------------
+
+def gfci_trip(c, board, clock):
+    board.gfci = True
+    run_ms(c, clock, 20)
+    board.gfci = False
+
+
+def test_contactor_welded_while_opening_on_a_fault_is_found_at_once():
+    c, board, clock, car = charging_at()
+    run_ms(c, clock, 11000)
+    board.welded = True
+    gfci_trip(c, board, clock)
+    run_ms(c, clock, 500)
+    assert c.evse.fault == faults.RELAY_WELDED and c.safety.lockout
+    assert c.status()["output_live"]
+
+
+def test_remote_reset_does_not_clear_a_weld_whose_output_is_still_live():
+    c, board, clock, car = charging_at()
+    board.welded = True
+    car.wants = False
+    run_ms(c, clock, 800)
+    assert c.evse.fault == faults.RELAY_WELDED
+    assert not c.reset_fault()
+    board.welded = False                  # repaired
+    assert c.reset_fault() and c.evse.fault is None
+
+
+def test_lockout_survives_a_watchdog_reset_but_not_a_power_cycle():
+    c, board, clock, car = charging_at()
+    gfci_trip(c, board, clock)            # 4 s after closing: early trip, lockout
+    run_ms(c, clock, 100)
+    assert c.safety.lockout
+    board.hardware_reset("watchdog")
+    again = app.Charger(board, clock, c.settings)
+    run_ms(again, clock, 2000)
+    assert again.evse.fault == faults.GFCI and again.safety.lockout and not board.relay
+    board.hardware_reset("power_on")
+    fresh = app.Charger(board, clock, c.settings)
+    run_ms(fresh, clock, 3000)
+    assert fresh.evse.fault is None and board.relay
+
+
+def test_pilot_fault_is_logged_and_retried_like_the_others():
+    c, board, clock, car = charging_at()
+    for _ in range(3):
+        board.glitch_mv = 0
+        c.tick()
+        clock.advance(10)
+    run_ms(c, clock, 100)
+    assert c.evse.fault == "pilot_e" and c.safety.retry_at is not None
+    assert [e[1] for e in c.fault_log.recent()] == ["pilot_e"]
+    keep_setpoint(c, clock, 15 * MIN + 5000)
+    assert c.evse.fault is None
+
+
+def test_reboot_command_waits_until_no_car_is_charging():
+    c, board, clock, car = charging_at()
+    reboots = []
+    up = Uplink(c, _Link(), "test", reboot=lambda: reboots.append(1))
+    up.command(b'{"v": 1, "cmd": "reboot"}')
+    for _ in range(100):
+        up.poll()
+        c.tick()
+        clock.advance(10)
+    assert reboots == [] and board.relay
+    car.wants = False
+    for _ in range(300):
+        up.poll()
+        c.tick()
+        clock.advance(10)
+    assert reboots == [1]
+
+
+def test_stop_stops_offering_first_and_opens_with_the_ev_in_b():
+    c, board, clock, car = charging_at()
+    c.request("stop")
+    stopped = False
+    drew_when_open = None
+    for _ in range(800):
+        try:
+            c.tick()
+        except SystemExit:
+            stopped = True
+            drew_when_open = car.drawn_a
+            break
+        clock.advance(10)
+    assert stopped and not board.relay and board.pilot_mode == "high"
+    assert drew_when_open == 0             # the EV had stopped drawing first
+
+
+def test_diag_refuses_to_raise_the_commissioning_limits():
+    from firmware import diag
+    c, board, clock, car = charging_at()
+    diag.attach(c, None)
+    assert diag.set("unit_rating_a", 80) is False
+    assert diag.set("installer_max_a", 80) is False
+    assert c.settings["installer_max_a"] == 40
+    assert diag.set("offline_a", 10) is True
+
+
+def test_early_trip_window_is_not_fooled_by_the_tick_wrap():
+    c, board, clock, car = charging_at()
+    car.wants = False
+    run_ms(c, clock, 1000)
+    assert not board.relay
+    for _ in range(20):                    # idle for 20 x 2^25 ms, past 2^29
+        c.tick()
+        clock.advance(1 << 25)
+    board.gfci = True
+    run_ms(c, clock, 20)
+    assert c.evse.fault == faults.GFCI and not c.safety.lockout
+
+
+def test_a_close_waits_for_the_weld_check_of_the_last_open():
+    c, board, clock, car = charging_at()
+    car.wants = False
+    run_ms(c, clock, 40)                   # opened, weld check still 200 ms away
+    assert not board.relay
+    board.welded = True
+    car.wants = True
+    car._pending = []
+    car._target_a = 32.0
+    run_ms(c, clock, 600)
+    assert c.evse.fault == faults.RELAY_WELDED
+
+
+class _BadSensor(Exception):
+    pass
+
+
+def test_broken_temperature_sensor_stops_charging_without_crashing_the_loop():
+    for reading in (None, float("nan"), 1e308, "x", _BadSensor):
+        c, board, clock, car = charging_at()
+        if reading is _BadSensor:
+            def temp_c():
+                raise _BadSensor()
+        else:
+            def temp_c(r=reading):
+                return r
+        board.temp_c = temp_c
+        run_ms(c, clock, 100)
+        assert c.evse.fault == faults.OVER_TEMP and not board.relay, reading
+
+
+def test_retries_start_afresh_for_the_next_car():
+    c, board, clock, car = charging_at()
+    run_ms(c, clock, 11000)
+    gfci_trip(c, board, clock)
+    assert c.safety.retries == 1
+    board.unplug()
+    run_ms(c, clock, 2000)
+    assert c.safety.retries == 0
