@@ -11,8 +11,9 @@ unix port with its simulated board, mosquitto on loopback.
   current, against ``T_wd``, with the broker reachable and with the path
   blackholed right after the setpoint (:class:`evse_tools.netfault.Proxy`);
 * firmware memory: ``gc.mem_alloc()`` after ``gc.collect()`` in steady
-  state, its peak while the broker is killed and restarted (reconnects) and
-  during an OTA download and install, and the total ``.mpy`` size.
+  state, and the largest such live heap sampled about 20 times a second
+  while the broker is killed and restarted (reconnects) and during an OTA
+  download and install; the total ``.mpy`` size.
 
 64-bit unix-port objects are about twice their ESP32 size: halve the heap
 figures for a rough device estimate.
@@ -220,11 +221,11 @@ def memory(workdir: Path) -> dict:
             b.kill()
             t_end = time.monotonic() + 4
             while time.monotonic() < t_end:
-                peak = max(peak, _mem(ch, collect=False) or 0)
+                peak = max(peak, _mem(ch) or 0)
             b.start()
             t_end = time.monotonic() + 8
             while time.monotonic() < t_end:
-                peak = max(peak, _mem(ch, collect=False) or 0)
+                peak = max(peak, _mem(ch) or 0)
             out["reconnect_peak_bytes"] = peak
             ch.send({"cmd": "unplug"})
             files = ota.default_files()
@@ -239,7 +240,7 @@ def memory(workdir: Path) -> dict:
             t_end = time.monotonic() + 30
             ch.restart_on_exit = False
             while time.monotonic() < t_end and ch.proc.poll() is None:
-                peak = max(peak, _mem(ch, collect=False) or 0)
+                peak = max(peak, _mem(ch) or 0)
             out["ota_peak_bytes"] = peak
             out["ota_installed"] = (dev / "ota.json").exists()
             server.shutdown()

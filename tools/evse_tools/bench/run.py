@@ -41,8 +41,15 @@ def main(argv: list[str] | None = None) -> int:
     bad = [p for p in parts if p not in PARTS]
     if bad:
         ap.error(f"unknown part(s): {', '.join(bad)}; choose from {', '.join(PARTS)}")
-    results = {"machine": machine(), "quick": args.quick,
-               "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    out = Path(args.out)
+    results = {}
+    if out.exists() and len(parts) < len(PARTS):
+        try:      # a partial run updates the parts it ran
+            results = json.loads(out.read_text())
+        except ValueError:
+            results = {}
+    results.update({"machine": machine(), "quick": args.quick,
+                    "date": time.strftime("%Y-%m-%d %H:%M:%S")})
     print(f"machine: {results['machine']}")
     for part in parts:
         mod = __import__(f"evse_tools.bench.{part}", fromlist=["run", "table"])
@@ -52,7 +59,6 @@ def main(argv: list[str] | None = None) -> int:
         results[part] = res
         print(mod.table(res))
         print(f"  ({time.monotonic() - t0:.0f} s)", flush=True)
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"\nfigures saved to {out}")
