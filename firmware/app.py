@@ -8,7 +8,7 @@ unix port, a fake in host tests.
 
 The control tick never waits on anything: it reads one pilot burst, decides,
 writes outputs that changed, and feeds the hardware watchdog. Network code
-(issue 3) hands messages to :meth:`Charger.on_setpoint` between ticks.
+(:mod:`firmware.uplink`) hands messages to :meth:`Charger.on_setpoint` between ticks.
 """
 from firmware import evse as _evse
 from firmware import store

@@ -137,3 +137,18 @@ def test_restarted_server_never_pauses_a_charging_car_while_it_waits_for_the_oth
     cmds = a.step(0.2)                        # b has not reported yet
     assert [c.current_a for c in cmds if c.member == "a"] in ([], [8.0])
     assert all(c.member != "b" for c in cmds)
+
+
+def test_a_round_of_setpoints_is_recorded_in_one_go_and_a_removed_member_is_skipped(tmp_path):
+    # S6 needs every setpoint on disk; 10,000 chargers made per-row
+    # transactions the server's bottleneck (make bench).
+    with GroupStore(str(tmp_path / "db.sqlite")) as store:
+        store.create_group("g", 50)
+        store.add_member("g", "a", 40)
+        store.add_member("g", "b", 40)
+        skipped = store.record_sent([("a", 20.0, 7, 3, 1.0, 8.0, 8.0), ("gone", 20.0, 8, 3, 1.0, 8.0, 8.0),
+                                     ("b", 12.0, 9, 3, 1.0, 6.0, 0.0)])
+        assert skipped == ["gone"]
+        m = {x.id: x for x in store.get_group("g").members}
+        assert (m["a"].last_setpoint_a, m["a"].last_seq, m["a"].last_epoch) == (20.0, 7, 3)
+        assert (m["b"].offline_a, m["b"].start_a) == (6.0, 0.0)

@@ -357,6 +357,33 @@ class GroupStore:
             db.execute("UPDATE members SET last_setpoint_a = ?, last_seq = ?, last_epoch = ?,"
                        " last_sent_at = ? WHERE id = ?", (amps, seq, epoch, float(sent_at), member_id))
 
+    def record_sent(self, rows) -> list:
+        """Remember a whole round of setpoints in one transaction (a round may
+        send thousands). ``rows``: ``(member_id, amps, seq, epoch, sent_at,
+        offline_a, start_a)`` with the units of :meth:`record_setpoint` and
+        :meth:`record_member_currents`. A row for a member no longer in the
+        database, or with a bad value, is skipped; returns the skipped ids."""
+        skipped = []
+        with self._tx() as db:
+            for member_id, amps, seq, epoch, sent_at, offline_a, start_a in rows:
+                row = db.execute("SELECT unit_rating_a FROM members WHERE id = ?", (member_id,)).fetchone()
+                try:
+                    if row is None:
+                        raise StoreError("unknown charger %r" % (member_id,))
+                    rating = row["unit_rating_a"]
+                    amps = _check_amps(amps, 0, MAX_CURRENT_A, "setpoint")
+                    off = _check_amps(offline_a, MIN_CURRENT_A, rating, "offline current", True)
+                    start = _check_amps(start_a, MIN_CURRENT_A, rating, "start current", True)
+                    if type(seq) is not int or type(epoch) is not int or seq < 0 or epoch < 0:
+                        raise StoreError("seq and epoch must be integers >= 0")
+                except StoreError:
+                    skipped.append(member_id)
+                    continue
+                db.execute("UPDATE members SET last_setpoint_a = ?, last_seq = ?, last_epoch = ?,"
+                           " last_sent_at = ?, offline_a = ?, start_a = ? WHERE id = ?",
+                           (amps, seq, epoch, float(sent_at), off, start, member_id))
+        return skipped
+
     def record_member_currents(self, member_id, offline_a=None, start_a=None) -> Member:
         """Remember the offline and/or start current (A) assigned to a charger (S3).
         Each is 0 or 6 A..the unit rating; None leaves it unchanged."""

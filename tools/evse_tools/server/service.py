@@ -222,17 +222,19 @@ class Service:
                 self.out(f"config {mid}: t_wd_s {t_wd} s (the group's)")
         self._config_due.clear()
         wall = time.time()
+        sent = []
         for name, alloc in self.allocators.items():
             for cmd in alloc.step(now):
                 client.publish(f"{self.prefix}/{cmd.member}/set", json.dumps(cmd.payload()), qos=1)
                 m = alloc.members[cmd.member]
                 self.out(f"set {cmd.member} {cmd.current_a:g} A ({m.binding}) offline "
                          f"{cmd.offline_a:g} A start {cmd.start_a:g} A seq {cmd.seq}")
-                try:
-                    self.store.record_setpoint(cmd.member, cmd.current_a, cmd.seq, cmd.epoch, wall)
-                    self.store.record_member_currents(cmd.member, cmd.offline_a, cmd.start_a)
-                except ValueError:
-                    pass     # removed from the database meanwhile: the ledger keeps it
+                sent.append((cmd.member, cmd.current_a, cmd.seq, cmd.epoch, wall,
+                             cmd.offline_a, cmd.start_a))
+        if sent:
+            # One transaction for the round. A member removed from the database
+            # meanwhile is skipped: the ledger keeps it until its lease ends.
+            self.store.record_sent(sent)
             if now - self._last_group_state.get(name, -1e9) >= GROUP_STATE_S:
                 self._last_group_state[name] = now
                 client.publish(f"loadgroup/{name}/state", json.dumps(alloc.group_state(now)),
