@@ -17,7 +17,7 @@ FW_PATH := .frozen:$(CURDIR):$(CURDIR)/lib
 .PHONY: help sim charger test test-cpython test-mpy check lib venv clean bench flash deploy repl provision
 
 help:
-	@echo "make sim         the simulated load group (SCENARIO=garage|shortage|busy-day)"
+	@echo "make sim         the simulated load group (SCENARIO=garage|shortage|busy-day|gfci)"
 	@echo "make charger     one simulated charger, no server"
 	@echo "make test        all tests: CPython, MicroPython unix port, make check"
 	@echo "make check       mpy-cross + pyright on every device-side file"

@@ -110,12 +110,12 @@ def test_build_default_files_are_the_device_files_without_the_simulator(keys, tm
     priv, pub = keys
     out = ota.build(priv, "0.9.0", None, tmp_path / "b")
     paths = [e["path"] for e in ota.verify(out, pub)["files"]]
-    assert "boot.py" in paths and "main.py" in paths
+    assert "boot.py" not in paths and "main.py" not in paths   # they hold the rollback
     assert "firmware/app.py" in paths and "firmware/ota_verify.py" in paths
     assert "firmware/hal_sim.py" not in paths and "firmware/ev_model.py" not in paths
     expected = {f"firmware/{p.name}" for p in (REPO / "firmware").glob("*.py")}
     expected -= {"firmware/hal_sim.py", "firmware/ev_model.py"}
-    assert set(paths) == expected | {"boot.py", "main.py"}
+    assert set(paths) == expected
 
 
 def test_cli_build_and_verify(keys, sources, tmp_path, capsys, monkeypatch):

@@ -123,9 +123,10 @@ def load_public_key(path: str | os.PathLike) -> tuple[int, int]:
 # --- build ----------------------------------------------------------------
 
 def default_files() -> dict[str, Path]:
-    """The device files of this repository: ``boot.py``, ``main.py`` and
-    ``firmware/*.py`` except the simulator-only modules."""
-    files = {"boot.py": REPO / "boot.py", "main.py": REPO / "main.py"}
+    """The firmware files of this repository: ``firmware/*.py`` except the
+    simulator-only modules. ``boot.py`` and ``main.py`` hold the rollback and
+    are never updated over the air, so they are not shipped."""
+    files = {}
     for p in sorted((REPO / "firmware").glob("*.py")):
         rel = f"firmware/{p.name}"
         if rel not in SIM_ONLY:

@@ -98,7 +98,9 @@ def build_parser():
                    help="MQTT broker (default localhost:1883)")
     r.add_argument("--prefix", default="evse", help="charger topic prefix (default evse)")
     r.add_argument("--username", help="broker user name")
-    r.add_argument("--password", help="broker password")
+    r.add_argument("--password", help="broker password (prefer --password-env)")
+    r.add_argument("--password-env", metavar="VAR",
+                   help="read the broker password from this environment variable")
     r.add_argument("--tls", action="store_true", help="connect with TLS")
     r.add_argument("--cafile", help="CA certificate for TLS")
     r.add_argument("--group", action="append", metavar="NAME",

@@ -253,7 +253,15 @@ def run(store: GroupStore, args) -> int:
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"evse-server-{svc.epoch}",
                          protocol=mqtt.MQTTv311)
     if args.username:
-        client.username_pw_set(args.username, args.password)
+        password = args.password
+        env = getattr(args, "password_env", None)
+        if env:
+            import os
+            password = os.environ.get(env)
+            if password is None:
+                print(f"error: environment variable {env} is not set", file=sys.stderr)
+                return 1
+        client.username_pw_set(args.username, password)
     if args.tls:
         client.tls_set(ca_certs=args.cafile)
     client.on_connect = svc.on_connect

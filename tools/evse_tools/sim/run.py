@@ -320,7 +320,7 @@ def plot(rec: Recording, path: Path) -> Path:
         for ax in (ax1, ax2):
             ax.axvline(at, color="grey", linewidth=0.5)
         ax1.annotate(text, (at, ax1.get_ylim()[1]), rotation=90, fontsize=7, va="top", ha="right")
-    ax2.set_xlabel("s (grey: server down)")
+    ax2.set_xlabel("s (grey: server down)" if any(not s.server_up for s in rec.samples) else "s")
     ax2.set_ylabel("A")
     ax2.set_ylim(0, sc.breaker_a * 1.15)
     ax2.legend(loc="upper right", fontsize=8)
