@@ -12,3 +12,17 @@ the method); :mod:`evse_tools.bench.run` runs them all (``make bench``):
   the project's allocator turns into charging, against two baselines, with
   the overload it causes (virtual time).
 """
+import os
+import platform
+
+
+def machine_info() -> dict:
+    """The machine the figures come from: CPU model, CPU count, OS, Python."""
+    cpu = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"cpu": cpu, "cpus": os.cpu_count() or 1, "os": f"{platform.system()} {platform.release()}",
+            "python": platform.python_version()}

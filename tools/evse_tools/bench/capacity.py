@@ -84,6 +84,7 @@ if importlib.util.find_spec("firmware") is None:
     # the top of the repository), which is not part of the tools package.
     sys.path.insert(0, str(REPO))
 
+from evse_tools.bench import machine_info
 from evse_tools.server.allocator import (CONNECTED, DEFAULT_OFFLINE_A, DEFAULT_START_A, MIN_A,
                                          Command, GroupConfig, Report, water_fill)
 from evse_tools.sim.scenario import Scenario, load
@@ -415,17 +416,6 @@ def _summary(runs: list[dict]) -> dict:
     return s
 
 
-def _machine() -> dict:
-    import os
-    import platform
-    cpu = platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {"cpu": cpu, "cpus": os.cpu_count() or 1, "os": f"{platform.system()} {platform.release()}",
-            "python": platform.python_version()}
 
 
 def run(quick: bool, seeds: int | None = None,
@@ -439,7 +429,7 @@ def run(quick: bool, seeds: int | None = None,
     module docstring (Wh, A*s, s, A)."""
     n = seeds if seeds is not None else (3 if quick else 20)
     t0 = time.monotonic()
-    out = {"machine": _machine(), "quick": quick, "seeds": n, "dt_s": DT_S,
+    out = {"machine": machine_info(), "quick": quick, "seeds": n, "dt_s": DT_S,
            "method": "virtual time, VirtualGroup (firmware LimitArbiter per charger, EVs that lag "
                      "pilot changes, 0.1-0.3 s bus delay, reports every 1 s); two-stage taper "
                      "(ACN-Sim); means over seeds, overloads max over seeds",

@@ -9,26 +9,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
+
+from evse_tools.bench import machine_info
 
 PARTS = ("firmware", "server", "capacity")
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, {platform.system()}"
+    m = machine_info()
+    return f"{m['cpu']}, {m['cpus']} cores, Python {m['python']}, {m['os']}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -70,6 +70,7 @@ import time
 from collections import deque
 from pathlib import Path
 
+from evse_tools.bench import machine_info
 from evse_tools.server.allocator import Allocator, GroupConfig, Member, Report
 
 GROUP_SIZES = (1, 2, 8, 16, 64)
@@ -96,16 +97,6 @@ STEP_S = 0.2
 """Virtual time between allocation rounds, s (the service's STEP_S)."""
 
 
-def _machine() -> dict:
-    import platform
-    cpu = platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {"cpu": cpu, "cpus": os.cpu_count() or 1, "os": f"{platform.system()} {platform.release()}",
-            "python": platform.python_version()}
 
 
 def _pct(xs: list[float], q: float) -> float | None:
@@ -620,7 +611,7 @@ def run(quick: bool, sizes: tuple[int, ...] = CHARGER_COUNTS,
     quick, 30 s full). Returns ``{"machine", "quick", "allocation",
     "throughput", "wall_s"}`` (µs, ms, messages/s, % of one CPU)."""
     t0 = time.monotonic()
-    out = {"machine": _machine(), "quick": quick,
+    out = {"machine": machine_info(), "quick": quick,
            "allocation": allocation(quick, group_sizes),
            "throughput": throughput(quick, sizes, seconds)}
     out["wall_s"] = round(time.monotonic() - t0, 1)
