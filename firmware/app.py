@@ -147,7 +147,6 @@ class Charger:
                     self.results[name] = "refused: only with the contactor open, no car charging, no fault"
                 else:
                     self._manual_test = True
-                    self._test_started = now
             elif name == "stop":
                 self.stopping = True       # pause first: the contactor opens with the EV in B, or 6 s
         if self._manual_test:

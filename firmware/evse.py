@@ -22,6 +22,7 @@ Rules (DESIGN.md §3, IEC 61851-1 Table A.6):
   that the EV can stop drawing first (Table A.6: the EVSE may open under load
   6 s after switching PWM off), or opens as soon as the EV goes to B.
 """
+from firmware import faults as _faults
 from firmware import pilot as _pilot
 
 PILOT_HIGH = "high"
@@ -37,9 +38,9 @@ PAUSE_OPEN_MS = 6000
 """Longest the contactor stays closed after PWM stops in C (Table A.6), ms."""
 
 # Fault codes of the pilot itself (stable: reported to the server, see faults.py).
-FAULT_PILOT_E = "pilot_e"          # pilot shorted to 0 V (state E)
-FAULT_PILOT_LEVEL = "pilot_level"  # a level in no J1772 window
-FAULT_PILOT_F = "pilot_f"          # pilot held at -12 V by something else
+FAULT_PILOT_E = _faults.PILOT_E          # pilot shorted to 0 V (state E)
+FAULT_PILOT_LEVEL = _faults.PILOT_LEVEL  # a level in no J1772 window
+FAULT_PILOT_F = _faults.PILOT_F          # pilot held at -12 V by something else
 
 _CONNECTED = ("B", "C", "D")
 _CHARGING = ("C", "D")

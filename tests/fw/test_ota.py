@@ -40,6 +40,17 @@ def key(fs):
     return ota_verify.load_key(fs.files["dev/ota_key.json"])
 
 
+def on_trial():
+    """A device that installed the good bundle and booted it once (pending),
+    with a 60 s health check on a fake clock: (fs, clock, health)."""
+    fs = device()
+    manifest, fetch = bundle("good")
+    ota.install(ROOT, manifest, fetch, "0.4.0", key(fs), fs)
+    otaboot.select(ROOT, fs)
+    clock = FakeClock()
+    return fs, clock, ota.Health(ROOT, clock, 60, fs)
+
+
 def test_tampered_wrong_key_truncated_and_downgrade_bundles_switch_nothing():
     for name in ("tampered", "wrong_key", "truncated", "downgrade", "edited"):
         fs = device()
@@ -103,12 +114,7 @@ def test_new_version_that_crashes_at_import_is_rolled_back_at_the_next_boot():
 
 
 def test_new_version_that_never_reaches_the_server_reboots_and_rolls_back():
-    fs = device()
-    manifest, fetch = bundle("good")
-    ota.install(ROOT, manifest, fetch, "0.4.0", key(fs), fs)
-    otaboot.select(ROOT, fs)
-    clock = FakeClock()
-    health = ota.Health(ROOT, clock, 60, fs)
+    fs, clock, health = on_trial()
     verdict = None
     for _ in range(5 * 60 * 10):
         clock.advance(100)
@@ -121,12 +127,7 @@ def test_new_version_that_never_reaches_the_server_reboots_and_rolls_back():
 
 
 def test_new_version_that_reached_the_server_and_ran_healthy_is_kept():
-    fs = device()
-    manifest, fetch = bundle("good")
-    ota.install(ROOT, manifest, fetch, "0.4.0", key(fs), fs)
-    otaboot.select(ROOT, fs)
-    clock = FakeClock()
-    health = ota.Health(ROOT, clock, 60, fs)
+    fs, clock, health = on_trial()
     assert health.step(True, True) is None
     clock.advance(59999)
     assert health.step(True, True) is None

@@ -415,6 +415,20 @@ def _start_with_retries(make, port: int | None, timeout: float) -> Broker:
 
 
 # -- mosquitto ---------------------------------------------------------------
+def _start_owned(make, port: int | None, timeout: float, owned: Path | None) -> Broker:
+    """Start a broker with :func:`_start_with_retries`; the temporary
+    directory ``owned`` (if any) goes with it, or is removed at once when the
+    start fails."""
+    try:
+        broker = _start_with_retries(make, port, timeout)
+    except BaseException:
+        if owned is not None:
+            shutil.rmtree(owned, ignore_errors=True)
+        raise
+    broker._own(owned)
+    return broker
+
+
 def _conf_has(extra_conf: str, option: str) -> bool:
     return any(line.split()[:1] == [option] for line in extra_conf.splitlines())
 
@@ -483,14 +497,7 @@ def start_mosquitto(port: int | None = None, extra_conf: str = "",
         return Broker(LOCALHOST, p, kind="mosquitto", argv=[exe, "-c", str(conf)],
                       workdir=wd, log_path=log)
 
-    try:
-        broker = _start_with_retries(make, port, timeout)
-    except BaseException:
-        if owned is not None:
-            shutil.rmtree(owned, ignore_errors=True)
-        raise
-    broker._own(owned)
-    return broker
+    return _start_owned(make, port, timeout, owned)
 
 
 # -- embedded amqtt ------------------------------------------------------------
@@ -527,14 +534,7 @@ def start_embedded(port: int | None = None, workdir: str | os.PathLike | None = 
         return Broker(LOCALHOST, p, kind="amqtt", argv=argv, workdir=wd, log_path=log, env=env,
                       own_log=False)
 
-    try:
-        broker = _start_with_retries(make, port, timeout)
-    except BaseException:
-        if owned is not None:
-            shutil.rmtree(owned, ignore_errors=True)
-        raise
-    broker._own(owned)
-    return broker
+    return _start_owned(make, port, timeout, owned)
 
 
 def _drop_connection(handler) -> None:
