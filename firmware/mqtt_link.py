@@ -28,6 +28,7 @@ umqtt.simple is wrapped, not modified (DESIGN.md §6):
 A PINGRESP proves the link is alive, but it never feeds the connectivity
 watchdog: only a valid setpoint does (C4).
 """
+import select
 import time
 
 import _thread
@@ -88,27 +89,40 @@ class _BoundedSocket:
     ``setblocking(False)`` makes the next reads non-blocking (return None when
     nothing waits); ``setblocking(True)`` makes them wait at most
     ``timeout_ms`` for all the bytes asked, then raise OSError(110, timeout).
+
+    After ``connect`` the TCP socket itself is non-blocking and every wait is
+    a ``select.poll`` on it, never a socket timeout: MicroPython's TLS socket
+    has no ``settimeout``, and a timeout inside an mbedTLS read poisons the
+    session (every later call raises ETIMEDOUT). A non-blocking TLS read
+    returns None while mbedTLS needs more bytes, so the same loop serves plain
+    TCP and TLS. ``tls_wrap(sock)`` (optional) returns the TLS socket; its
+    handshake runs while the TCP socket still has the ``timeout_ms`` timeout,
+    so each handshake read is bounded too.
     """
 
     def __init__(self, sockmod, timeout_ms, framer, tls_wrap):
         self._sockmod = sockmod
-        self._s = sockmod.socket()
+        self._raw = sockmod.socket()
+        self._s = self._raw
         self._timeout_ms = timeout_ms
         self._framer = framer
         self._tls_wrap = tls_wrap
         self._nonblocking = False
+        self._poll = select.poll()
 
     def connect(self, addr):
-        self._s.settimeout(self._timeout_ms / 1000)
-        self._s.connect(addr)
+        self._raw.settimeout(self._timeout_ms / 1000)
+        self._raw.connect(addr)
         try:
             # umqtt.simple writes each packet in pieces; without TCP_NODELAY
             # Nagle holds the later pieces for an ACK (about 40 ms a packet).
-            self._s.setsockopt(6, 1, 1)     # IPPROTO_TCP, TCP_NODELAY
+            self._raw.setsockopt(6, 1, 1)     # IPPROTO_TCP, TCP_NODELAY
         except (OSError, AttributeError):
             pass
         if self._tls_wrap is not None:
-            self._s = self._tls_wrap(self._s)
+            self._s = self._tls_wrap(self._raw)
+        self._raw.settimeout(0)
+        self._poll.register(self._raw, select.POLLIN)
 
     def setblocking(self, flag):
         self._nonblocking = not flag
@@ -116,31 +130,37 @@ class _BoundedSocket:
     def _deadline(self):
         return time.ticks_add(time.ticks_ms(), self._timeout_ms)
 
+    def _wait(self, deadline, event):
+        """Wait until the TCP socket is ready for ``event`` (select.POLLIN or
+        POLLOUT) or ``deadline`` (ticks_ms) passes; OSError(110) after it."""
+        left = time.ticks_diff(deadline, time.ticks_ms())
+        if left <= 0:
+            raise OSError(110, "timeout")
+        self._poll.modify(self._raw, event)
+        # A hang-up or error also ends the wait: the next call sees it.
+        self._poll.poll(min(left, 100))
+
+    def _read_now(self, n):
+        try:
+            return self._s.read(n)
+        except OSError as exc:
+            if exc.args and exc.args[0] == 11:   # EAGAIN: nothing waits
+                return None
+            raise
+
     def read(self, n):
         if self._nonblocking:
-            self._s.settimeout(0)
-            try:
-                data = self._s.read(n)
-            except OSError:
-                return None
+            data = self._read_now(n)
             if data:
                 self._framer.feed(data)
             return data
         deadline = self._deadline()
         buf = b""
         while len(buf) < n:
-            left = time.ticks_diff(deadline, time.ticks_ms())
-            if left <= 0:
-                raise OSError(110, "timeout")
-            self._s.settimeout(left / 1000)
-            try:
-                data = self._s.read(n - len(buf))
-            except OSError as exc:
-                if exc.args and exc.args[0] in (11, 110, 116):  # EAGAIN, ETIMEDOUT
-                    continue
-                raise
+            data = self._read_now(n - len(buf))
             if data is None:
-                continue       # timed out: the deadline decides
+                self._wait(deadline, select.POLLIN)
+                continue
             if not data:
                 break          # peer closed: umqtt raises on the short read
             self._framer.feed(data)
@@ -154,17 +174,17 @@ class _BoundedSocket:
         sent = 0
         total = len(data)
         while sent < total:
-            left = time.ticks_diff(deadline, time.ticks_ms())
-            if left <= 0:
-                raise OSError(110, "timeout")
-            self._s.settimeout(left / 1000)
             try:
                 n = self._s.write(memoryview(data)[sent:])
             except OSError as exc:
-                if exc.args and exc.args[0] in (11, 110, 116):
-                    continue
-                raise
-            sent += n or 0
+                if not (exc.args and exc.args[0] == 11):
+                    raise
+                n = None
+            if not n:
+                # mbedTLS wants the same bytes offered again after WANT_WRITE.
+                self._wait(deadline, select.POLLOUT)
+                continue
+            sent += n
         return total
 
     def close(self):
@@ -172,6 +192,11 @@ class _BoundedSocket:
             self._s.close()
         except OSError:
             pass
+        if self._s is not self._raw:
+            try:
+                self._raw.close()
+            except OSError:
+                pass
 
 
 class _SocketModule:
@@ -328,7 +353,7 @@ class MqttLink:
     def _drop(self, exc):
         self.connected = False
         self.failures += 1
-        self.last_error = "%s: %s" % (type(exc).__name__, exc)
+        self.last_error = "%s: %s" % (type(exc).__name__, str(exc).strip())
         if self.sock is not None:
             self.sock.close()
         now = self.clock.ticks_ms()
@@ -403,6 +428,46 @@ class MqttLink:
         t0 = self.clock.ticks_ms()
         while self.running and self.clock.ticks_diff(self.clock.ticks_ms(), t0) < wait_ms:
             time.sleep_ms(10)
+
+
+def pem_to_der(pem):
+    """The DER bytes of the first certificate in ``pem`` (str, the
+    ``ca_cert`` secret). MicroPython's mbedTLS build parses only DER. Raises
+    ValueError when there is no complete, decodable certificate."""
+    import binascii
+
+    begin = pem.find("-----BEGIN CERTIFICATE-----")
+    end = pem.find("-----END CERTIFICATE-----")
+    if begin < 0 or end < begin:
+        raise ValueError("no PEM certificate")
+    body = pem[begin + 27:end].replace("\r", "").replace("\n", "").replace(" ", "")
+    try:
+        der = binascii.a2b_base64(body)
+    except Exception:
+        raise ValueError("bad base64 in the PEM certificate")
+    if len(der) < 64 or der[0] != 0x30:
+        raise ValueError("not a DER certificate inside the PEM")
+    return der
+
+
+def tls_wrapper(cadata, host):
+    """Return a ``tls_wrap(sock)`` for :class:`MqttLink`: a TLS client that
+    accepts the broker only if its certificate chains to the CA in ``cadata``
+    (DER bytes, see :func:`pem_to_der`; the CA comes from ``evse-server
+    broker-setup``) and names
+    ``host`` (DNS name or IP address, as in ``mqtt_host``). There is no mode
+    without verification. The handshake raises ValueError (certificate
+    refused) or OSError (network); the link then retries with backoff, and
+    the connectivity watchdog (C4) sees no setpoint either way."""
+    import ssl
+
+    def wrap(sock):
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.load_verify_locations(cadata=cadata)
+        return ctx.wrap_socket(sock, server_hostname=host)
+
+    return wrap
 
 
 def umqtt_factory(link):

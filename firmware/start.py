@@ -44,16 +44,25 @@ def link_up(cfg, secrets, charger, root, reboot=None, network_ready=None):
     if not cfg["mqtt_host"]:
         charger.log("no mqtt_host set: running without a server")
         return Uplink(charger, None, FW, reboot, updater, health)
-    if cfg["mqtt_tls"]:
-        charger.log("mqtt_tls is not supported yet: running without a server")
-        return Uplink(charger, None, FW, reboot, updater, health)
-    from firmware.mqtt_link import MqttLink
+    from firmware import mqtt_link
 
-    link = MqttLink(cfg["charger_id"], cfg["mqtt_host"], cfg["mqtt_port"], topics(cfg),
-                    cfg["keepalive_s"], secrets["mqtt_user"] or None,
-                    secrets["mqtt_password"] or None, network_ready=network_ready)
+    tls_wrap = None
+    if cfg["mqtt_tls"]:
+        try:
+            cadata = mqtt_link.pem_to_der(secrets["ca_cert"])
+        except ValueError as exc:
+            # Never fall back to plain MQTT or to an unverified broker.
+            charger.log("mqtt_tls is set but the CA certificate is unusable (%s): "
+                        "running without a server" % exc)
+            return Uplink(charger, None, FW, reboot, updater, health)
+        tls_wrap = mqtt_link.tls_wrapper(cadata, cfg["mqtt_host"])
+    link = mqtt_link.MqttLink(cfg["charger_id"], cfg["mqtt_host"], cfg["mqtt_port"], topics(cfg),
+                              cfg["keepalive_s"], secrets["mqtt_user"] or None,
+                              secrets["mqtt_password"] or None, network_ready=network_ready,
+                              tls_wrap=tls_wrap)
     link.start()
-    charger.log("mqtt link to %s:%d started" % (cfg["mqtt_host"], cfg["mqtt_port"]))
+    charger.log("mqtt link to %s:%d%s started" % (cfg["mqtt_host"], cfg["mqtt_port"],
+                                                  " (TLS)" if tls_wrap else ""))
     return Uplink(charger, link, FW, reboot, updater, health)
 
 

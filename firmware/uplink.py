@@ -10,14 +10,15 @@ change of what the server budgets with (state, pilot, limit, acknowledged
 setpoint, fault, contactor, offline/start current, a measured-current change
 of 0.5 A or more), at most every 250 ms, and at least every 5 s::
 
-    {"v": 1, "seq": 118, "uptime_s": 3605, "state": "C", "pilot_a": 20,
+    {"v": 1, "id": "garage-1", "seq": 118, "uptime_s": 3605, "state": "C", "pilot_a": 20,
      "measured_a": 19.8, "limit_by": "setpoint", "ack_seq": 42, "ack_epoch": 7,
      "offline_a": 8, "start_a": 8, "t_wd_s": 30, "session_wh": 5230,
      "temp_c": 41.5, "fault": null, "lockout": false, "relay": true,
      "reset_reason": "power_on", "fw": "0.4.0"}
 
-``ack_epoch``, ``relay``, ``lockout`` and ``reset_reason`` extend the
-contract compatibly: ``relay`` (true while the contactor is driven closed
+``id``, ``ack_epoch``, ``relay``, ``lockout`` and ``reset_reason`` extend the
+contract compatibly: ``id`` (the charger's own id) lets the server ignore a
+report published on another charger's topic; ``relay`` (true while the contactor is driven closed
 *or* its output is sensed live, so a welded contactor never reads open) lets
 the server see the contactor open before it frees a faulted member's budget; ``lockout`` says the fault will not
 retry by itself; ``reset_reason`` says why the charger last booted.
@@ -68,6 +69,7 @@ class Uplink:
         self._last_key = None
         self._last_measured = 0.0
         self._last_sent = None
+        self._link_seen = (False, None)
 
     def poll(self):
         """Deliver waiting messages, run the update and health checks, then
@@ -100,7 +102,20 @@ class Uplink:
                 c.log("ota: version %s never proved itself: reboot to roll back" % self.fw)
                 self._reboot()
         if self.link is not None:
+            self._log_link()
             self._report()
+
+    def _log_link(self):
+        # Plain attribute reads: the link thread only ever replaces them whole.
+        link = self.link
+        now = (link.connected, link.last_error)
+        if now == self._link_seen:
+            return
+        if now[0] and not self._link_seen[0]:
+            self.charger.log("mqtt connected")
+        elif not now[0] and now[1] is not None and (self._link_seen[0] or now[1] != self._link_seen[1]):
+            self.charger.log("mqtt link down: %s" % now[1])
+        self._link_seen = now
 
     def _reboot(self):
         self.charger.hal.safe_state()
@@ -161,7 +176,7 @@ class Uplink:
             return
         self.seq += 1
         msg = {
-            "v": 1, "seq": self.seq, "uptime_s": c.uptime_s, "state": st["state"],
+            "v": 1, "id": c.settings["charger_id"], "seq": self.seq, "uptime_s": c.uptime_s, "state": st["state"],
             "pilot_a": st["pilot_a"], "measured_a": round(st["measured_a"], 1),
             "limit_by": st["limit_by"], "ack_seq": st["ack_seq"], "ack_epoch": st["epoch"],
             "offline_a": st["offline_a"], "start_a": st["start_a"], "t_wd_s": st["t_wd_s"],

@@ -210,6 +210,8 @@ def test_corrupt_fault_log_starts_empty_and_never_stops_the_charger():
 class _Link:
     def __init__(self):
         self.sent = []
+        self.connected = True
+        self.last_error = None
 
     def take(self):
         return []
