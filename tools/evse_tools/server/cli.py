@@ -6,6 +6,9 @@ Examples::
     evse-server member add garage bay-1 --rating 40
     evse-server group show garage
     evse-server run --broker localhost:1883
+    evse-server broker-setup --dir broker --host broker.lan     # CA, TLS, accounts, ACL
+    evse-server run --broker broker.lan:8883 --cafile broker/ca.pem \\
+        --username evse_server --password-file broker/passwords/evse_server
 
 The database is ``--db PATH``, else ``$EVSE_SERVER_DB``, else ``evse-server.db`` in
 the current directory. Refused operations print ``error: ...`` on stderr and exit
@@ -16,6 +19,7 @@ import os
 import sqlite3
 import sys
 
+from evse_tools.server import secure
 from evse_tools.server.db import GroupStore, StoreError, max_limit
 
 DEFAULT_DB = "evse-server.db"
@@ -42,7 +46,7 @@ def build_parser():
     p = _Parser(prog="evse-server", description="Load-group server for load-sharing EV chargers.")
     p.add_argument("--db", default=os.environ.get("EVSE_SERVER_DB") or DEFAULT_DB,
                    help="SQLite database (default: $EVSE_SERVER_DB or ./%s)" % DEFAULT_DB)
-    top = p.add_subparsers(dest="area", required=True, metavar="{group,member,ota,run}",
+    top = p.add_subparsers(dest="area", required=True, metavar="{group,member,ota,run,broker-setup}",
                            parser_class=_Parser)
 
     group = top.add_parser("group", help="create, list, show, change and delete load groups")
@@ -92,17 +96,24 @@ def build_parser():
     o.add_argument("--http-port", type=int, default=0, help="HTTP port (default: any free one)")
     o.add_argument("--timeout", type=float, default=600.0, metavar="S",
                    help="how long to wait for the new version, s (default 600)")
+    secure.add_broker_auth_arguments(o)
+
+    bs = top.add_parser("broker-setup",
+                        help="make the CA, the broker's TLS certificate, one account per charger "
+                             "and the ACL (mosquitto)")
+    bs.add_argument("--dir", required=True, help="where the files go (created, mode 0700)")
+    bs.add_argument("--host", action="append", required=True, metavar="NAME",
+                    help="a DNS name or IP address the chargers use for the broker (repeatable)")
+    bs.add_argument("--port", type=int, default=8883, help="TLS listener port (default 8883)")
+    bs.add_argument("--prefix", default="evse", help="charger topic prefix (default evse)")
+    bs.add_argument("--rotate", action="append", default=[], metavar="USER",
+                    help="renew this account's password (repeatable)")
 
     r = top.add_parser("run", help="run the MQTT load-group service")
     r.add_argument("--broker", type=_broker, default=("localhost", 1883), metavar="HOST:PORT",
                    help="MQTT broker (default localhost:1883)")
     r.add_argument("--prefix", default="evse", help="charger topic prefix (default evse)")
-    r.add_argument("--username", help="broker user name")
-    r.add_argument("--password", help="broker password (prefer --password-env)")
-    r.add_argument("--password-env", metavar="VAR",
-                   help="read the broker password from this environment variable")
-    r.add_argument("--tls", action="store_true", help="connect with TLS")
-    r.add_argument("--cafile", help="CA certificate for TLS")
+    secure.add_broker_auth_arguments(r)
     r.add_argument("--group", action="append", metavar="NAME",
                    help="serve only this group (repeatable; default: all)")
     r.add_argument("--rotate-s", type=float, default=300.0, metavar="S",
@@ -151,6 +162,40 @@ def _show_group(gr, out):
     _table(rows, out)
 
 
+def _broker_setup(args, store, out):
+    from pathlib import Path
+
+    if not 1 <= args.port <= 65535:
+        raise StoreError("--port must be 1..65535")
+    ids = [mb.id for gr in store.list_groups() for mb in gr.members]
+    directory = Path(args.dir)
+    try:
+        rep = secure.setup(directory, args.host, ids, args.prefix, args.port, args.rotate)
+    except (secure.SetupError, OSError) as exc:
+        raise StoreError(str(exc)) from exc
+    d = directory
+    out.write("CA            %s %s\n" % ("created" if rep.created_ca else "kept", d / "ca.pem"))
+    out.write("broker cert   %s %s for %s\n" % ("issued" if rep.issued_broker_cert else "kept",
+                                                 d / "broker.pem", ", ".join(sorted(args.host))))
+    out.write("accounts      %d (%s and %d charger(s))\n" % (len(rep.accounts), secure.SERVER_USER,
+                                                             len(rep.accounts) - 1))
+    for what, names in (("added", rep.added), ("removed", rep.removed), ("rotated", rep.rotated)):
+        if names:
+            out.write("  %-11s %s\n" % (what, ", ".join(names)))
+    out.write("wrote         %s, %s, %s\n" % (d / "passwd", d / "acl", d / "mosquitto.conf"))
+    host = sorted(args.host)[0]
+    out.write("next:\n")
+    out.write("  broker   mosquitto -c %s   (running already: kill -HUP it to reload "
+              "the accounts and the ACL)\n" % (d / "mosquitto.conf"))
+    out.write("  server   evse-server run --broker %s:%d --cafile %s --username %s "
+              "--password-file %s\n" % (host, args.port, d / "ca.pem", secure.SERVER_USER,
+                                         d / "passwords" / secure.SERVER_USER))
+    out.write("  charger  evse-deploy provision --id ID --broker mqtts://%s:%d --mqtt-user ID "
+              "--mqtt-password-file %s --ca %s\n" % (host, args.port, d / "passwords" / "ID",
+                                                      d / "ca.pem"))
+    return 0
+
+
 def _dispatch(args, store, out):
     if args.area == "ota":
         from pathlib import Path
@@ -164,9 +209,14 @@ def _dispatch(args, store, out):
         try:
             return otapush.push(bundle, args.member, args.broker, args.prefix, args.http_host,
                                 args.http_port, Path(args.pubkey) if args.pubkey else None,
-                                args.timeout, out=lambda s: out.write(s + "\n") or out.flush())
+                                args.timeout, out=lambda s: out.write(s + "\n") or out.flush(),
+                                configure=lambda c: secure.configure_client(c, args))
+        except secure.SetupError as exc:
+            raise StoreError(str(exc)) from exc
         except ValueError as exc:
             raise StoreError("bundle refused: %s" % exc) from exc
+    if args.area == "broker-setup":
+        return _broker_setup(args, store, out)
     if args.area == "run":
         try:
             from evse_tools.server import service

@@ -21,10 +21,11 @@ from evse_tools import ota
 
 def push(bundle: Path, member: str, broker: tuple[str, int], prefix: str = "evse",
          http_host: str = "127.0.0.1", http_port: int = 0, pubkey: Path | None = None,
-         timeout_s: float = 600.0, out=print, username=None, password=None) -> int:
+         timeout_s: float = 600.0, out=print, configure=None) -> int:
     """Push ``bundle`` to charger ``member``; return 0 once it reports the new
     version, 1 on a refusal, a failure reported by the charger, or a timeout.
-    ``http_host`` must be an address the charger can reach."""
+    ``http_host`` must be an address the charger can reach. ``configure(client)``
+    (optional) sets the paho client's account and TLS options."""
     manifest = json.loads((bundle / "manifest.json").read_text())
     body = json.loads(manifest["body"])
     version = body["version"]
@@ -34,8 +35,8 @@ def push(bundle: Path, member: str, broker: tuple[str, int], prefix: str = "evse
     url = f"{base.rstrip('/')}/{bundle.name}/"
     states: list[dict] = []
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"evse-ota-{int(time.time())}")
-    if username:
-        client.username_pw_set(username, password)
+    if configure is not None:
+        configure(client)
 
     def on_message(c, u, msg):
         try:

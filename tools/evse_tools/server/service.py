@@ -24,6 +24,7 @@ import time
 import paho.mqtt.client as mqtt
 
 from evse_tools.server.allocator import Allocator, GroupConfig, Member, Report, ROTATE_S
+from evse_tools.server import secure
 from evse_tools.server.db import GroupStore
 
 STEP_S = 0.2
@@ -35,8 +36,15 @@ RELOAD_S = 5.0
 STATES = ("A", "B", "C", "D", "E", "F")
 
 
-def parse_state(payload: bytes) -> Report:
-    """Validate a charger's state message; raise ValueError saying what is wrong."""
+def parse_state(payload: bytes, topic_id: str | None = None) -> Report:
+    """Validate a charger's state message; raise ValueError saying what is wrong.
+
+    ``topic_id``: the charger id in the topic. A message whose ``id`` field
+    names another charger is refused: a charger that publishes on another's
+    topic (which the broker's ACL already forbids, see
+    :mod:`evse_tools.server.secure`) must not move that charger's budget.
+    Firmware before 0.5 sends no ``id``; such a message is taken on the
+    topic's word."""
     if len(payload) > 2048:
         raise ValueError("state message longer than 2048 bytes")
     try:
@@ -45,6 +53,8 @@ def parse_state(payload: bytes) -> Report:
         raise ValueError(f"not JSON: {exc}") from None
     if not isinstance(msg, dict) or msg.get("v") != 1:
         raise ValueError("not a v1 state object")
+    if topic_id is not None and "id" in msg and msg["id"] != topic_id:
+        raise ValueError(f"it says it is from {str(msg['id'])[:40]!r}")
     if msg.get("state") not in STATES:
         raise ValueError(f"bad state {msg.get('state')!r}")
 
@@ -189,7 +199,7 @@ class Service:
         if kind != "state":
             return
         try:
-            report = parse_state(payload)
+            report = parse_state(payload, mid)
         except ValueError as exc:
             self.rejected += 1
             self.out(f"ignored state from {mid}: {exc}")
@@ -252,18 +262,11 @@ def run(store: GroupStore, args) -> int:
         return 1
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"evse-server-{svc.epoch}",
                          protocol=mqtt.MQTTv311)
-    if args.username:
-        password = args.password
-        env = getattr(args, "password_env", None)
-        if env:
-            import os
-            password = os.environ.get(env)
-            if password is None:
-                print(f"error: environment variable {env} is not set", file=sys.stderr)
-                return 1
-        client.username_pw_set(args.username, password)
-    if args.tls:
-        client.tls_set(ca_certs=args.cafile)
+    try:
+        secure.configure_client(client, args)
+    except secure.SetupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     client.on_connect = svc.on_connect
     client.on_message = svc.on_message
     client.reconnect_delay_set(1, 30)
