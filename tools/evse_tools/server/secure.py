@@ -154,6 +154,7 @@ def make_ca(directory: Path) -> tuple[object, x509.Certificate, bool]:
                              "ca.pem from a backup, or move both away to start a new CA "
                              "(then re-provision every charger)" % (directory, exc)) from None
         return key, cert, False
+    directory.mkdir(parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "EVSE load-group CA")])
     cert = _cert("EVSE load-group CA", key.public_key(), name, key, CA_DAYS, ca=True)

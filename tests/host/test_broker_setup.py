@@ -1,0 +1,178 @@
+"""``evse-server broker-setup`` (tools/evse_tools/server/secure.py) and the
+server's check of the sender's id: the files that keep one charger from
+speaking for another (DESIGN.md §4 "Security")."""
+import base64
+import hashlib
+import json
+import stat
+
+import pytest
+from cryptography import x509
+
+from evse_tools.server import cli, secure
+from evse_tools.server.service import Service, parse_state
+from evse_tools.server.db import GroupStore
+
+HOSTS = ["broker.lan", "192.168.1.10"]
+
+
+def passwords(d):
+    return {p.name: p.read_text().strip() for p in (d / "passwords").iterdir()}
+
+
+def test_each_charger_gets_its_own_account_and_the_server_one_no_charger_can_take(tmp_path):
+    rep = secure.setup(tmp_path, HOSTS, ["bay-2", "bay-1"])
+    assert rep.created_ca and rep.issued_broker_cert
+    assert rep.accounts == ["evse_server", "bay-1", "bay-2"]
+    assert not secure.CHARGER_ID.match(secure.SERVER_USER)
+    pw = passwords(tmp_path)
+    assert sorted(pw) == ["bay-1", "bay-2", "evse_server"] and len(set(pw.values())) == 3
+    assert all(len(p) >= 32 for p in pw.values())
+    for name in ("ca.key", "broker.key", "passwd", "passwords/bay-1"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o600, name
+
+
+def test_password_file_hashes_verify_with_mosquittos_pbkdf2_sha512_format(tmp_path):
+    secure.setup(tmp_path, HOSTS, ["bay-1"])
+    pw = passwords(tmp_path)
+    for line in (tmp_path / "passwd").read_text().splitlines():
+        user, h = line.split(":", 1)
+        _, kind, rounds, salt, digest = h.split("$")
+        assert (kind, rounds) == ("7", "101")
+        want = hashlib.pbkdf2_hmac("sha512", pw[user].encode(), base64.b64decode(salt), 101)
+        assert base64.b64decode(digest) == want and len(base64.b64decode(salt)) == 12
+
+
+def test_acl_lets_a_charger_publish_only_its_own_state_and_read_only_its_own_set_and_cmd(tmp_path):
+    secure.setup(tmp_path, HOSTS, ["bay-1", "bay-2"])
+    blocks = (tmp_path / "acl").read_text().split("\n\n")[1:]
+    assert blocks[0].splitlines() == ["user evse_server", "topic readwrite evse/#",
+                                      "topic readwrite loadgroup/#"]
+    assert blocks[1].splitlines() == ["user bay-1", "topic write evse/bay-1/state",
+                                      "topic write evse/bay-1/online", "topic read evse/bay-1/set",
+                                      "topic read evse/bay-1/cmd"]
+    conf = (tmp_path / "mosquitto.conf").read_text().splitlines()
+    assert "allow_anonymous false" in conf and "listener 8883" in conf
+    assert "allow_anonymous true" not in conf
+
+
+def test_broker_certificate_names_every_host_and_chains_to_the_ca(tmp_path):
+    secure.setup(tmp_path, HOSTS, [])
+    ca = x509.load_pem_x509_certificate((tmp_path / "ca.pem").read_bytes())
+    cert = x509.load_pem_x509_certificate((tmp_path / "broker.pem").read_bytes())
+    cert.verify_directly_issued_by(ca)
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sorted(str(n.value) for n in san) == sorted(HOSTS)
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+
+
+def test_running_setup_again_never_locks_out_a_provisioned_charger(tmp_path):
+    secure.setup(tmp_path, HOSTS, ["bay-1", "bay-2"])
+    before = passwords(tmp_path)
+    ca = (tmp_path / "ca.pem").read_bytes()
+    broker = (tmp_path / "broker.pem").read_bytes()
+    rep = secure.setup(tmp_path, HOSTS, ["bay-1", "bay-2", "bay-3"])
+    after = passwords(tmp_path)
+    assert not rep.created_ca and not rep.issued_broker_cert and rep.added == ["bay-3"]
+    assert (tmp_path / "ca.pem").read_bytes() == ca and (tmp_path / "broker.pem").read_bytes() == broker
+    assert {k: after[k] for k in before} == before
+
+
+def test_removed_member_loses_its_account_and_rotation_renews_only_one(tmp_path):
+    secure.setup(tmp_path, HOSTS, ["bay-1", "bay-2"])
+    before = passwords(tmp_path)
+    rep = secure.setup(tmp_path, HOSTS, ["bay-1"], rotate=["bay-1"])
+    after = passwords(tmp_path)
+    assert rep.removed == ["bay-2"] and rep.rotated == ["bay-1"]
+    assert "bay-2" not in after and "bay-2" not in (tmp_path / "acl").read_text()
+    assert not any(line.startswith("bay-2:") for line in (tmp_path / "passwd").read_text().splitlines())
+    assert after["bay-1"] != before["bay-1"] and after["evse_server"] == before["evse_server"]
+
+
+def test_new_host_name_reissues_the_broker_certificate_under_the_same_ca(tmp_path):
+    secure.setup(tmp_path, ["broker.lan"], [])
+    ca = (tmp_path / "ca.pem").read_bytes()
+    rep = secure.setup(tmp_path, ["broker.lan", "10.0.0.2"], [])
+    assert rep.issued_broker_cert and not rep.created_ca and (tmp_path / "ca.pem").read_bytes() == ca
+
+
+def test_half_a_ca_is_refused_rather_than_replaced(tmp_path):
+    secure.setup(tmp_path, HOSTS, ["bay-1"])
+    (tmp_path / "ca.key").unlink()
+    ca = (tmp_path / "ca.pem").read_bytes()
+    with pytest.raises(secure.SetupError, match="incomplete or unreadable"):
+        secure.setup(tmp_path, HOSTS, ["bay-1"])
+    assert (tmp_path / "ca.pem").read_bytes() == ca and not (tmp_path / "ca.key").exists()
+
+
+@pytest.mark.parametrize("host", ["", "bad host", "-x.lan", "a..b", "x" * 254, "broker.lan."])
+def test_bad_host_name_is_refused_before_anything_is_written(tmp_path, host):
+    with pytest.raises(secure.SetupError):
+        secure.setup(tmp_path / "d", [host], ["bay-1"])
+    assert not (tmp_path / "d").exists()
+
+
+def test_unknown_account_to_rotate_is_refused(tmp_path):
+    with pytest.raises(secure.SetupError, match="no such account"):
+        secure.setup(tmp_path / "d", HOSTS, ["bay-1"], rotate=["bay-9"])
+    assert not (tmp_path / "d").exists()
+
+
+def run_cli(tmp_path, *argv):
+    return cli.main(["--db", str(tmp_path / "s.db"), *argv])
+
+
+def test_cli_sets_up_accounts_for_every_member_of_every_group(tmp_path, capsys):
+    assert run_cli(tmp_path, "group", "create", "garage", "--breaker", "50") == 0
+    assert run_cli(tmp_path, "group", "create", "barn", "--breaker", "30") == 0
+    assert run_cli(tmp_path, "member", "add", "garage", "bay-1", "--rating", "32") == 0
+    assert run_cli(tmp_path, "member", "add", "barn", "barn-1", "--rating", "16") == 0
+    capsys.readouterr()
+    assert run_cli(tmp_path, "broker-setup", "--dir", str(tmp_path / "b"), "--host", "broker.lan") == 0
+    out = capsys.readouterr().out
+    assert "accounts      3 (evse_server and 2 charger(s))" in out
+    assert "mqtts://broker.lan:8883" in out
+    assert sorted(passwords(tmp_path / "b")) == ["barn-1", "bay-1", "evse_server"]
+
+
+def test_cli_bad_host_exits_1_with_a_message_and_writes_nothing(tmp_path, capsys):
+    assert run_cli(tmp_path, "broker-setup", "--dir", str(tmp_path / "b"), "--host", "no way") == 1
+    assert "not a DNS name or an IP address" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+
+
+def test_server_refuses_a_password_without_a_user(tmp_path):
+    class Args:
+        username = None
+        password = "x"
+        password_env = password_file = cafile = None
+        tls = False
+    with pytest.raises(secure.SetupError, match="without --username"):
+        secure.configure_client(object(), Args())
+
+
+STATE = {"v": 1, "seq": 3, "state": "C", "pilot_a": 20, "measured_a": 19.5, "ack_seq": 1,
+         "ack_epoch": 1, "offline_a": 8, "start_a": 8, "t_wd_s": 30, "session_wh": 10}
+
+
+def test_state_claiming_another_chargers_id_is_refused():
+    with pytest.raises(ValueError, match="says it is from 'bay-1'"):
+        parse_state(json.dumps(dict(STATE, id="bay-1")).encode(), "bay-2")
+    assert parse_state(json.dumps(dict(STATE, id="bay-2")).encode(), "bay-2").measured_a == 19.5
+    assert parse_state(json.dumps(STATE).encode(), "bay-2").measured_a == 19.5   # firmware < 0.5
+
+
+def test_server_ignores_a_report_on_a_topic_that_is_not_the_senders(tmp_path):
+    db = tmp_path / "s.db"
+    with GroupStore(str(db)) as store:
+        store.create_group("garage", 50, 40)
+        store.add_member("garage", "bay-1", 32)
+        store.add_member("garage", "bay-2", 32)
+    with GroupStore(str(db)) as store:
+        svc = Service(store, out=lambda s: None)
+        svc.reload(0.0)
+        alloc = svc.allocators["garage"]
+        svc.handle("evse/bay-2/state", json.dumps(dict(STATE, id="bay-1")).encode(), 1.0)
+        assert svc.rejected == 1 and alloc.members["bay-2"].report is None
+        svc.handle("evse/bay-2/state", json.dumps(dict(STATE, id="bay-2")).encode(), 1.0)
+        assert svc.rejected == 1 and alloc.members["bay-2"].report.measured_a == 19.5
