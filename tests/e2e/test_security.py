@@ -13,6 +13,7 @@ import pytest
 
 from evse_tools import broker as brokers
 from evse_tools.charger_sim import SimCharger
+from evse_tools.netfault import Proxy
 from evse_tools.server import secure
 from evse_tools.server.db import GroupStore
 
@@ -26,18 +27,15 @@ NOT_AUTHORIZED = 135
 
 
 class SecureBroker:
-    """mosquitto with broker-setup's passwd and ACL, a plain listener (``port``,
-    passwords still required) and a TLS listener (``tls_port``)."""
+    """mosquitto running broker-setup's own mosquitto.conf (TLS listener on
+    ``tls_port``, passwd, ACL, no anonymous clients) after the test harness's
+    plain listener on ``port``, where passwords are required all the same."""
 
     def __init__(self, directory, workdir):
         self.dir = directory
         self.tls_port = brokers.free_port()
-        d = directory
-        extra = "\n".join([
-            "allow_anonymous false", f"password_file {d / 'passwd'}", f"acl_file {d / 'acl'}",
-            f"listener {self.tls_port} {HOST}", f"cafile {d / 'ca.pem'}",
-            f"certfile {d / 'broker.pem'}", f"keyfile {d / 'broker.key'}", "tls_version tlsv1.2"])
-        self.broker = brokers.start_mosquitto(extra_conf=extra, workdir=workdir)
+        conf = secure.mosquitto_conf_text(directory, self.tls_port, HOST)
+        self.broker = brokers.start_mosquitto(extra_conf=conf, workdir=workdir)
         self.port = self.broker.port
 
     def password(self, user):
@@ -212,6 +210,46 @@ def test_tls_with_the_wrong_ca_fails_cleanly_and_the_charger_falls_back(sec, tmp
         assert max(s["pilot_a"] for s in seen) == 8           # the start current, never more
     finally:
         server.close()
+
+
+def test_blackholed_tls_session_cannot_delay_the_offline_fallback(sec, tmp_path):
+    """C4: "a blackholed TLS session" must not hold up the watchdog. The TLS
+    session is up and a setpoint applied; then the path goes silent."""
+    ca_pem = (sec.dir / "ca.pem").read_text()
+    server = as_user(sec, secure.SERVER_USER)
+    with Proxy((HOST, sec.tls_port)) as path:
+        with charger(sec, tmp_path / "bay-1", "bay-1", ca_pem, mqtt_port=path.port) as ch:
+            ch.wait_ready()
+            ch.send({"cmd": "plug", "ev": {"max_a": 32, "delay_ms": 1000}})
+            end = time.monotonic() + 20
+            seq = 0
+            applied = None
+            while time.monotonic() < end and applied is None:
+                seq += 1
+                server.publish("evse/bay-1/set", json.dumps(
+                    {"v": 1, "epoch": 7, "seq": seq, "current_a": 16}))
+                for s in ch.poll(0.5):
+                    if s["pilot_a"] == 16 and s["ack_seq"] == seq:
+                        applied = s     # the newest setpoint: no later one renews the lease
+            assert applied is not None, "no setpoint applied over TLS"
+            path.blackhole = True
+            t_black = applied["tick_ms"]
+            fell = None
+            gaps, last = [], time.monotonic()
+            end = time.monotonic() + T_WD_S + 4
+            while time.monotonic() < end and fell is None:
+                for s in ch.poll(0.1):
+                    now = time.monotonic()
+                    gaps.append(now - last)
+                    last = now
+                    if s["limit_by"] == "offline":
+                        fell = s
+    server.close()
+    assert fell is not None and fell["pilot_a"] == OFFLINE_A
+    # The last setpoint was applied at or before t_black: the fallback comes
+    # at most T_wd + 1 s after it.
+    assert fell["tick_ms"] - t_black <= (T_WD_S + 1) * 1000
+    assert max(gaps) < 1.0      # the control loop never waited on the dead TLS session
 
 
 def test_charger_with_the_right_ca_but_a_wrong_password_stays_offline(sec, tmp_path):
