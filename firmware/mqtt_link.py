@@ -259,6 +259,7 @@ class MqttLink:
         self.inbox_dropped = 0
         self.last_error = None
         self.last_connack = None
+        self.last_connect_ms = None
         self.running = False
         self._stop = False
         self._lock = _thread.allocate_lock()
@@ -302,6 +303,7 @@ class MqttLink:
             "failures": self.failures,
             "last_error": self.last_error,
             "last_connack": self.last_connack,
+            "last_connect_ms": self.last_connect_ms,
             "pingresp_age_ms": self.clock.ticks_diff(now, self._pingresp_at) if self._pings_seen else None,
             "retained_dropped": self.retained_dropped,
             "inbox_dropped": self.inbox_dropped,
@@ -326,6 +328,7 @@ class MqttLink:
             self._lock.release()
 
     def _connect(self):
+        t0 = self.clock.ticks_ms()
         c = self.client_factory(self.client_id, self.host, self.port, self.user, self.password,
                                 self.keepalive_s)
         c.set_callback(self._on_message)
@@ -342,6 +345,7 @@ class MqttLink:
         c.subscribe(self.topics["cmd"], 1)
         c.publish(self.topics["online"], b"1", True, 1)
         now = self.clock.ticks_ms()
+        self.last_connect_ms = self.clock.ticks_diff(now, t0)
         self._ping_at = now
         self._pingresp_at = now
         self._pings_seen = self.framer.pingresp

@@ -212,6 +212,7 @@ class _Link:
         self.sent = []
         self.connected = True
         self.last_error = None
+        self.last_connect_ms = None
 
     def take(self):
         return []

@@ -66,6 +66,16 @@ def test_broker_certificate_names_every_host_and_chains_to_the_ca(tmp_path):
     assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
 
 
+def test_charger_without_a_time_sync_still_accepts_the_broker_certificate(tmp_path):
+    """An ESP32 without NTP believes it is 2000-01-01 at power-on, and
+    MicroPython >= 1.22 checks certificate dates."""
+    secure.setup(tmp_path, HOSTS, [])
+    for name in ("ca.pem", "broker.pem"):
+        cert = x509.load_pem_x509_certificate((tmp_path / name).read_bytes())
+        assert cert.not_valid_before_utc.isoformat() == "2000-01-01T00:00:00+00:00"
+        assert cert.not_valid_after_utc.year >= 2030
+
+
 def test_running_setup_again_never_locks_out_a_provisioned_charger(tmp_path):
     secure.setup(tmp_path, HOSTS, ["bay-1", "bay-2"])
     before = passwords(tmp_path)

@@ -13,7 +13,10 @@ unix port with its simulated board, mosquitto on loopback.
 * firmware memory: ``gc.mem_alloc()`` after ``gc.collect()`` in steady
   state, and the largest such live heap sampled about 20 times a second
   while the broker is killed and restarted (reconnects) and during an OTA
-  download and install; the total ``.mpy`` size.
+  download and install; the total ``.mpy`` size;
+* TLS: the live heap with a verified TLS session to mosquitto (EC P-256 CA
+  and broker key from ``evse-server broker-setup``) and its peak during
+  the handshake, and the time to connect and subscribe, against plain TCP.
 
 64-bit unix-port objects are about twice their ESP32 size: halve the heap
 figures for a rough device estimate.
@@ -262,6 +265,50 @@ def memory(workdir: Path) -> dict:
     return out
 
 
+def _connect_ms(log: Path, timeout: float = 15) -> int | None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        for line in log.read_text().splitlines():
+            if "mqtt connected (" in line:
+                ms = line.split("mqtt connected (", 1)[1].split()[0]
+                return int(ms) if ms.isdigit() else None
+        time.sleep(0.05)
+    return None
+
+
+def tls_memory(workdir: Path) -> dict:
+    """Heap and connect time of one charger over TLS and over plain TCP, on
+    one mosquitto with broker-setup's accounts (bytes, ms; unix port)."""
+    from evse_tools.server import secure
+
+    d = workdir / "tls-setup"
+    secure.setup(d, [brokers.LOCALHOST], ["tls-1", "tcp-1"])
+    tls_port = brokers.free_port()
+    b = brokers.start_mosquitto(extra_conf=secure.mosquitto_conf_text(d, tls_port, brokers.LOCALHOST),
+                                workdir=workdir / "tls-broker")
+    out = {}
+    try:
+        for cid, tls in (("tcp-1", False), ("tls-1", True)):
+            dev = workdir / cid
+            dev.mkdir()
+            (dev / "secrets.json").write_text(json.dumps({
+                "mqtt_user": cid, "mqtt_password": (d / "passwords" / cid).read_text().strip(),
+                "ca_cert": (d / "ca.pem").read_text()}))
+            with _charger(b, workdir, cid, mqtt_tls=tls, mqtt_port=tls_port if tls else b.port) as ch:
+                ch.wait_ready()
+                peak = 0
+                end = time.monotonic() + 3
+                while time.monotonic() < end:
+                    peak = max(peak, _mem(ch) or 0)
+                connect_ms = _connect_ms(dev / "firmware.log")
+                steady = [m for m in (_mem(ch) for _ in range(10)) if m]
+                out["tls" if tls else "tcp"] = {"steady_bytes": min(steady), "connect_peak_bytes": peak,
+                                                "connect_ms": connect_ms}
+    finally:
+        b.close()
+    return out
+
+
 def run(quick: bool = True) -> dict:
     """All firmware figures; ``quick`` uses fewer samples (for CI smoke runs)."""
     with tempfile.TemporaryDirectory(prefix="evse-bench-") as tmp:
@@ -277,6 +324,7 @@ def run(quick: bool = True) -> dict:
         finally:
             b.close()
         res["memory"] = memory(tmp)
+        res["tls"] = tls_memory(tmp)
     return res
 
 
@@ -303,5 +351,9 @@ def table(r: dict) -> str:
         ("heap peak, OTA download and install", "%d bytes" % m["ota_peak_bytes"]),
         ("firmware .mpy size", "%d bytes in %d files" % (m["mpy_bytes"], m["mpy_files"])),
     ]
+    for kind, label in (("tcp", "plain TCP"), ("tls", "TLS, EC P-256")):
+        t = r["tls"][kind]
+        rows.append(("heap with the link up, %s" % label, "%d bytes steady, %d peak; connect %s ms" % (
+            t["steady_bytes"], t["connect_peak_bytes"], t["connect_ms"])))
     w = max(len(a) for a, _ in rows)
     return "\n".join(f"  {a:<{w}}  {b}" for a, b in rows)

@@ -55,6 +55,12 @@ BROKER_DAYS = 5 * 365
 """Broker certificate validity, days; re-issued by a later run before it ends."""
 RENEW_DAYS = 30
 """A broker certificate expiring within this many days is re-issued, days."""
+VALID_FROM = datetime.datetime(2000, 1, 1, tzinfo=datetime.timezone.utc)
+"""Start of validity of the CA and broker certificates: the ESP32's clock at
+power-on before any time sync (MicroPython's epoch). MicroPython checks
+certificate dates on the ESP32 since 1.22 (micropython/micropython PR 13100);
+a charger without NTP would otherwise refuse a broker whose certificate
+starts today and stay on its offline current."""
 PBKDF2_ITERATIONS = 101
 """mosquitto_passwd's default for its "$7$" PBKDF2-SHA512 hashes (mosquitto 2.0)."""
 
@@ -106,8 +112,7 @@ def _cert(subject: str, public_key, issuer: x509.Name, signer, days: int, ca: bo
          .issuer_name(issuer)
          .public_key(public_key)
          .serial_number(x509.random_serial_number())
-         # A day back: a charger or broker whose clock is a little behind still accepts it.
-         .not_valid_before(now - datetime.timedelta(days=1))
+         .not_valid_before(VALID_FROM)
          .not_valid_after(now + datetime.timedelta(days=days))
          .add_extension(x509.BasicConstraints(ca=ca, path_length=0 if ca else None), critical=True))
     if ca:
