@@ -56,11 +56,12 @@ def sec(tmp_path_factory):
 class Client:
     """A paho client that records CONNACK codes and received (topic, payload)."""
 
-    def __init__(self, b, user=None, password=None, tls_ca=None, subscribe=()):
+    def __init__(self, b, user=None, password=None, tls_ca=None, subscribe=(), client_id=""):
         self.connacks = []
         self.got = []
         self.subscribed = []
-        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
+        self.disconnects = 0
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311)
         if user:
             c.username_pw_set(user, password)
         if tls_ca:
@@ -71,7 +72,11 @@ class Client:
             if not rc.is_failure and subscribe:
                 cl.subscribe([(t, 1) for t in subscribe])
 
+        def on_disconnect(*a):
+            self.disconnects += 1
+
         c.on_connect = on_connect
+        c.on_disconnect = on_disconnect
         c.on_subscribe = lambda *a: self.subscribed.append(1)
         c.on_message = lambda cl, u, m: self.got.append((m.topic, m.payload))
         self.c = c
@@ -150,6 +155,37 @@ def test_charger_cannot_publish_any_setpoint_or_command(sec):
     finally:
         for c in (a, victim, server):
             c.close()
+
+
+def test_charger_cannot_take_over_another_chargers_session(sec):
+    """With the victim's client id a takeover would disconnect the victim
+    (MQTT 3.1.1 §3.1.4); the broker names each client after its account."""
+    victim = as_user(sec, "bay-2", subscribe=["evse/bay-2/set"], client_id="bay-2")
+    server = as_user(sec, secure.SERVER_USER)
+    try:
+        thief = as_user(sec, "bay-1", client_id="bay-2")
+        settle()
+        assert thief.connacks[:1] == [0] and victim.disconnects == 0
+        server.publish("evse/bay-2/set", b'{"v": 1, "epoch": 1, "seq": 1, "current_a": 16}')
+        settle()
+        assert [t for t, _ in victim.got] == ["evse/bay-2/set"] and thief.got == []
+        thief.close()
+    finally:
+        victim.close()
+        server.close()
+
+
+def test_tools_account_sends_commands_but_no_setpoints(sec):
+    victim = as_user(sec, "bay-2", subscribe=["evse/bay-2/set", "evse/bay-2/cmd"])
+    admin = as_user(sec, secure.ADMIN_USER)
+    try:
+        admin.publish("evse/bay-2/set", b'{"v": 1, "epoch": 1, "seq": 1, "current_a": 80}')
+        admin.publish("evse/bay-2/cmd", b'{"v": 1, "cmd": "reset_fault"}')
+        settle()
+        assert [t for t, _ in victim.got] == ["evse/bay-2/cmd"]
+    finally:
+        victim.close()
+        admin.close()
 
 
 def test_charger_cannot_read_another_chargers_setpoints(sec):

@@ -23,10 +23,11 @@ def passwords(d):
 def test_each_charger_gets_its_own_account_and_the_server_one_no_charger_can_take(tmp_path):
     rep = secure.setup(tmp_path, HOSTS, ["bay-2", "bay-1"])
     assert rep.created_ca and rep.issued_broker_cert
-    assert rep.accounts == ["evse_server", "bay-1", "bay-2"]
+    assert rep.accounts == ["evse_server", "evse_admin", "bay-1", "bay-2"]
     assert not secure.CHARGER_ID.match(secure.SERVER_USER)
+    assert not secure.CHARGER_ID.match(secure.ADMIN_USER)
     pw = passwords(tmp_path)
-    assert sorted(pw) == ["bay-1", "bay-2", "evse_server"] and len(set(pw.values())) == 3
+    assert sorted(pw) == ["bay-1", "bay-2", "evse_admin", "evse_server"] and len(set(pw.values())) == 4
     assert all(len(p) >= 32 for p in pw.values())
     for name in ("ca.key", "broker.key", "passwd", "passwords/bay-1"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o600, name
@@ -48,11 +49,15 @@ def test_acl_lets_a_charger_publish_only_its_own_state_and_read_only_its_own_set
     blocks = (tmp_path / "acl").read_text().split("\n\n")[1:]
     assert blocks[0].splitlines() == ["user evse_server", "topic readwrite evse/#",
                                       "topic readwrite loadgroup/#"]
-    assert blocks[1].splitlines() == ["user bay-1", "topic write evse/bay-1/state",
+    assert blocks[1].splitlines() == ["user evse_admin", "topic write evse/+/cmd",
+                                      "topic read evse/+/state", "topic read evse/+/online",
+                                      "topic read loadgroup/#"]
+    assert blocks[2].splitlines() == ["user bay-1", "topic write evse/bay-1/state",
                                       "topic write evse/bay-1/online", "topic read evse/bay-1/set",
                                       "topic read evse/bay-1/cmd"]
     conf = (tmp_path / "mosquitto.conf").read_text().splitlines()
     assert "allow_anonymous false" in conf and "listener 8883" in conf
+    assert "use_username_as_clientid true" in conf
     assert "allow_anonymous true" not in conf
 
 
@@ -140,9 +145,9 @@ def test_cli_sets_up_accounts_for_every_member_of_every_group(tmp_path, capsys):
     capsys.readouterr()
     assert run_cli(tmp_path, "broker-setup", "--dir", str(tmp_path / "b"), "--host", "broker.lan") == 0
     out = capsys.readouterr().out
-    assert "accounts      3 (evse_server and 2 charger(s))" in out
+    assert "accounts      4 (evse_server, evse_admin and 2 charger(s))" in out
     assert "mqtts://broker.lan:8883" in out
-    assert sorted(passwords(tmp_path / "b")) == ["barn-1", "bay-1", "evse_server"]
+    assert sorted(passwords(tmp_path / "b")) == ["barn-1", "bay-1", "evse_admin", "evse_server"]
 
 
 def test_cli_bad_host_exits_1_with_a_message_and_writes_nothing(tmp_path, capsys):

@@ -177,8 +177,8 @@ def _broker_setup(args, store, out):
     out.write("CA            %s %s\n" % ("created" if rep.created_ca else "kept", d / "ca.pem"))
     out.write("broker cert   %s %s for %s\n" % ("issued" if rep.issued_broker_cert else "kept",
                                                  d / "broker.pem", ", ".join(sorted(args.host))))
-    out.write("accounts      %d (%s and %d charger(s))\n" % (len(rep.accounts), secure.SERVER_USER,
-                                                             len(rep.accounts) - 1))
+    out.write("accounts      %d (%s, %s and %d charger(s))\n" % (
+        len(rep.accounts), secure.SERVER_USER, secure.ADMIN_USER, len(rep.accounts) - 2))
     for what, names in (("added", rep.added), ("removed", rep.removed), ("rotated", rep.rotated)):
         if names:
             out.write("  %-11s %s\n" % (what, ", ".join(names)))
@@ -190,6 +190,9 @@ def _broker_setup(args, store, out):
     out.write("  server   evse-server run --broker %s:%d --cafile %s --username %s "
               "--password-file %s\n" % (host, args.port, d / "ca.pem", secure.SERVER_USER,
                                          d / "passwords" / secure.SERVER_USER))
+    out.write("  ota      evse-server ota ID --bundle DIR --broker %s:%d --cafile %s --username %s "
+              "--password-file %s\n" % (host, args.port, d / "ca.pem", secure.ADMIN_USER,
+                                         d / "passwords" / secure.ADMIN_USER))
     out.write("  charger  evse-deploy provision --id ID --broker mqtts://%s:%d --mqtt-user ID "
               "--mqtt-password-file %s --ca %s\n" % (host, args.port, d / "passwords" / "ID",
                                                       d / "ca.pem"))
