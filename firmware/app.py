@@ -12,7 +12,7 @@ writes outputs that changed, and feeds the hardware watchdog. Network code
 """
 from firmware import evse as _evse
 from firmware import store
-from firmware.faults import FaultLog
+from firmware.faults import FaultLog, read_lockout
 from firmware.limit import LimitArbiter
 from firmware.pilot import PilotReader
 from firmware.safety import Safety
@@ -51,10 +51,10 @@ class Charger:
         # other reset (watchdog, crash, reboot) finds it again on flash.
         self._lock_path = prefix + "lockout.json"
         self._lock_saved = False
-        held = store.read_text(self._lock_path, settings.fs, 64)
+        held = read_lockout(self._lock_path, settings.fs)
         if held and self.reset_reason != "power_on":
-            self.evse.trip(held.strip(), now)
-            self.safety.trip_restored(held.strip())
+            self.evse.trip(held, now)
+            self.safety.trip_restored(held)
             self._lock_saved = True
         self.limit_a = 0
         self.limit_by = "start"

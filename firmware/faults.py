@@ -31,6 +31,7 @@ DIODE = "diode"                  # no -12 V low level while PWM runs: EV diode m
 PILOT_E = "pilot_e"              # pilot shorted to 0 V (state E)
 PILOT_LEVEL = "pilot_level"      # a pilot level in no J1772 window
 PILOT_F = "pilot_f"              # pilot held at -12 V by something else
+LOCKOUT_UNREADABLE = "lockout_unreadable"  # the lockout record on flash is corrupt: still a lockout
 
 RETRY = "retry"
 LOCKOUT = "lockout"
@@ -41,6 +42,7 @@ POLICY = {
     GFCI: RETRY, GFCI_SELFTEST: RETRY, NO_GROUND: RETRY, DIODE: RETRY,
     PILOT_E: RETRY, PILOT_LEVEL: RETRY, PILOT_F: RETRY,
     RELAY_WELDED: LOCKOUT, EV_OVERCURRENT: UNPLUG, OVER_TEMP: CONDITION,
+    LOCKOUT_UNREADABLE: LOCKOUT,
 }
 """Code -> policy. Unknown codes are lockouts."""
 
@@ -53,6 +55,36 @@ EARLY_TRIP_MS = 10000
 
 LOG_SIZE = 16
 """Entries kept in the persisted fault log."""
+
+
+_CODE_CHARS = b"abcdefghijklmnopqrstuvwxyz0123456789_"
+
+
+def read_lockout(path, fs=store.FS):
+    """The fault code of the lockout recorded in ``path`` (the file holds the
+    code, or nothing once the lockout was cleared), or None when there is
+    none. A record that exists but is not a plain code (blank, garbled, not
+    UTF-8, unreadable) is :data:`LOCKOUT_UNREADABLE`: a damaged record must
+    never clear a lockout (C9)."""
+    try:
+        f = fs.open(path, "rb")
+    except OSError:
+        return None
+    try:
+        data = f.read(64)
+    except (OSError, MemoryError):
+        return LOCKOUT_UNREADABLE
+    finally:
+        f.close()
+    if not data:
+        return None
+    code = data.strip()
+    if not code or len(code) > 32:
+        return LOCKOUT_UNREADABLE
+    for c in code:
+        if c not in _CODE_CHARS:
+            return LOCKOUT_UNREADABLE
+    return code.decode()
 
 
 def policy(code):

@@ -25,6 +25,10 @@ MAX_DECIMALS = 2
 the ESP32's 32-bit floats cannot round 5.99999999 A up to 6 A."""
 
 _INF = float("inf")
+_FLOAT32_MAX = 3.4e38
+"""Above this a number is infinite in the ESP32's 32-bit floats: refused as
+non-finite on every runtime (a 400-digit integer is inf to MicroPython and a
+finite int to CPython; the verdict must not depend on the runtime)."""
 
 
 class Setpoint:
@@ -48,7 +52,7 @@ def _amps(obj, name, required):
     # bool is an int on CPython but not on MicroPython: reject it on both.
     if type(x) is not int and type(x) is not float:
         raise ValueError("%s must be a number" % name)
-    if x != x or x == _INF or x == -_INF:
+    if x != x or x >= _FLOAT32_MAX or x <= -_FLOAT32_MAX:
         raise ValueError("%s must be finite" % name)
     if x < 0:
         raise ValueError("%s must not be negative" % name)

@@ -11,6 +11,12 @@ Limits: ASCII only (bytes >= 0x80 are refused; the wire contract's payloads
 need none), nesting at most 4 deep, and optionally at most ``max_decimals``
 digits after the point and no exponent, so that a number like ``5.99999999``
 cannot round up to 6.0 in the ESP32's 32-bit floats.
+
+Also refused, although RFC 8259 lets a parser take them (I-JSON, RFC 7493,
+does not): a key twice in one object (``{"current_a": 40, "current_a": 0}``
+means 0 to one parser and 40 to another), and a ``\\u`` escape of a lone
+UTF-16 surrogate (CPython makes a string that cannot be encoded,
+MicroPython one that is not UTF-8).
 """
 import json
 
@@ -70,11 +76,20 @@ class _Checker:
         if self.peek() == _RBRACE:
             self.i += 1
             return
+        keys = {}
         while True:
             self.ws()
             if self.peek() != _QUOTE:
                 self.fail("key must be a string")
+            start = self.i
             self.string()
+            raw = self.s[start:self.i]
+            # Keys compare as decoded text: "a" and "\u0061" are one key.
+            key = json.loads(raw).encode() if _BSLASH in raw else raw[1:-1]
+            if key in keys:
+                self.i = start
+                self.fail("duplicate key")
+            keys[key] = True
             self.ws()
             if self.peek() != _COLON:
                 self.fail("':' expected")
@@ -122,12 +137,27 @@ class _Checker:
                 e = self.peek()
                 self.i += 1
                 if e == _U:
-                    for _ in range(4):
-                        if self.peek() < 0 or self.peek() not in _HEX:
-                            self.fail("bad \\u escape")
-                        self.i += 1
+                    u = self.hex4()
+                    if 0xDC00 <= u <= 0xDFFF:
+                        self.fail("lone low surrogate")
+                    if 0xD800 <= u <= 0xDBFF:
+                        if self.s[self.i:self.i + 2] != b"\\u":
+                            self.fail("lone high surrogate")
+                        self.i += 2
+                        if not 0xDC00 <= self.hex4() <= 0xDFFF:
+                            self.fail("lone high surrogate")
                 elif e < 0 or e not in _ESCAPES:
                     self.fail("bad escape")
+
+    def hex4(self):
+        u = 0
+        for _ in range(4):
+            c = self.peek()
+            if c < 0 or c not in _HEX:
+                self.fail("bad \\u escape")
+            u = u * 16 + int(chr(c), 16)
+            self.i += 1
+        return u
 
     def digits(self):
         start = self.i
