@@ -434,41 +434,57 @@ class MqttLink:
             time.sleep_ms(10)
 
 
-def pem_to_der(pem):
-    """The DER bytes of the first certificate in ``pem`` (str, the
-    ``ca_cert`` secret). MicroPython's mbedTLS build parses only DER. Raises
-    ValueError when there is no complete, decodable certificate."""
+def pem_certificates(pem, limit=4):
+    """The DER bytes of each certificate in ``pem`` (str, the ``ca_cert``
+    secret), as a list of at most ``limit``. MicroPython's mbedTLS build parses
+    only DER. Several CAs may be trusted at once (to move to a new CA). Raises
+    ValueError when there is no complete, decodable certificate, or a broken
+    one."""
     import binascii
 
-    begin = pem.find("-----BEGIN CERTIFICATE-----")
-    end = pem.find("-----END CERTIFICATE-----")
-    if begin < 0 or end < begin:
+    out = []
+    at = 0
+    while len(out) < limit:
+        begin = pem.find("-----BEGIN CERTIFICATE-----", at)
+        if begin < 0:
+            break
+        end = pem.find("-----END CERTIFICATE-----", begin)
+        if end < 0:
+            raise ValueError("PEM certificate %d has no END line" % (len(out) + 1))
+        body = pem[begin + 27:end]
+        for ch in "\r\n\t ":
+            body = body.replace(ch, "")
+        try:
+            der = binascii.a2b_base64(body)
+        except Exception:
+            raise ValueError("bad base64 in PEM certificate %d" % (len(out) + 1))
+        if len(der) < 64 or der[0] != 0x30:
+            raise ValueError("PEM certificate %d holds no DER certificate" % (len(out) + 1))
+        out.append(der)
+        at = end + 25
+    if not out:
         raise ValueError("no PEM certificate")
-    body = pem[begin + 27:end].replace("\r", "").replace("\n", "").replace(" ", "")
-    try:
-        der = binascii.a2b_base64(body)
-    except Exception:
-        raise ValueError("bad base64 in the PEM certificate")
-    if len(der) < 64 or der[0] != 0x30:
-        raise ValueError("not a DER certificate inside the PEM")
-    return der
+    return out
 
 
-def tls_wrapper(cadata, host):
+def tls_wrapper(cas, host):
     """Return a ``tls_wrap(sock)`` for :class:`MqttLink`: a TLS client that
-    accepts the broker only if its certificate chains to the CA in ``cadata``
-    (DER bytes, see :func:`pem_to_der`; the CA comes from ``evse-server
-    broker-setup``) and names
-    ``host`` (DNS name or IP address, as in ``mqtt_host``). There is no mode
-    without verification. The handshake raises ValueError (certificate
-    refused) or OSError (network); the link then retries with backoff, and
-    the connectivity watchdog (C4) sees no setpoint either way."""
+    accepts the broker only if its certificate chains to one of the CAs in
+    ``cas`` (list of DER bytes, see :func:`pem_certificates`; the CA comes
+    from ``evse-server broker-setup``) and names ``host`` (DNS name or IP
+    address, as in ``mqtt_host``). There is no mode without verification. The
+    handshake raises ValueError (certificate refused) or OSError (network);
+    the link then retries with backoff, and the connectivity watchdog (C4)
+    sees no setpoint either way. Each handshake read waits at most the
+    socket's timeout, but a broker that drips bytes can stretch the whole
+    handshake: that only delays the link, never the control loop."""
     import ssl
 
     def wrap(sock):
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         ctx.verify_mode = ssl.CERT_REQUIRED
-        ctx.load_verify_locations(cadata=cadata)
+        for der in cas:
+            ctx.load_verify_locations(cadata=der)   # each call adds to the trusted set
         return ctx.wrap_socket(sock, server_hostname=host)
 
     return wrap

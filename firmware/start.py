@@ -33,6 +33,14 @@ def topics(cfg):
             "state": (base + "state").encode(), "online": (base + "online").encode()}
 
 
+def _has_problem(store, name):
+    """True when the settings file had a bad value for ``name`` (its default is in force)."""
+    for p in store.problems:
+        if (": %s" % name) in p:
+            return True
+    return False
+
+
 def link_up(cfg, secrets, charger, root, reboot=None, network_ready=None):
     """Start the MQTT link thread and return the :class:`firmware.uplink.Uplink`
     that the control loop polls, or None when no broker is configured."""
@@ -49,13 +57,19 @@ def link_up(cfg, secrets, charger, root, reboot=None, network_ready=None):
     tls_wrap = None
     if cfg["mqtt_tls"]:
         try:
-            cadata = mqtt_link.pem_to_der(secrets["ca_cert"])
+            cas = mqtt_link.pem_certificates(secrets["ca_cert"])
         except ValueError as exc:
             # Never fall back to plain MQTT or to an unverified broker.
             charger.log("mqtt_tls is set but the CA certificate is unusable (%s): "
                         "running without a server" % exc)
             return Uplink(charger, None, FW, reboot, updater, health)
-        tls_wrap = mqtt_link.tls_wrapper(cadata, cfg["mqtt_host"])
+        tls_wrap = mqtt_link.tls_wrapper(cas, cfg["mqtt_host"])
+    elif secrets["ca_cert"] or _has_problem(cfg, "mqtt_tls"):
+        # A CA was provisioned, or mqtt_tls is unreadable: TLS was meant. Plain
+        # MQTT would hand the broker password to anyone on the network.
+        charger.log("a CA is provisioned or mqtt_tls is unreadable, but TLS is off: not sending "
+                    "the broker password in the clear; running without a server")
+        return Uplink(charger, None, FW, reboot, updater, health)
     link = mqtt_link.MqttLink(cfg["charger_id"], cfg["mqtt_host"], cfg["mqtt_port"], topics(cfg),
                               cfg["keepalive_s"], secrets["mqtt_user"] or None,
                               secrets["mqtt_password"] or None, network_ready=network_ready,
@@ -129,7 +143,11 @@ def sim(argv):
     (UDP control port on 127.0.0.1, default 7700), ``--reset-cause TEXT``
     (what the board reports as its reset reason; the harness's watchdog
     passes ``watchdog``), ``--repl`` (return to the REPL of ``micropython
-    -i`` with the control loop running, for :mod:`firmware.diag`). With
+    -i`` with the control loop running, for :mod:`firmware.diag`),
+    ``--tick-offset MS`` (the board and the charger run on a
+    :class:`firmware.hal_sim.WrapClock` whose ``ticks_ms`` starts at MS and
+    wraps at 2^30 ms like the ESP32's; e.g. 2^30 - 20000 crosses the wrap
+    20 s after boot, C6; without it they use ``time``). With
     ``mqtt_host`` set it connects to that broker like a real charger. Exits
     0 on the ``quit`` command, 3 on a reboot request (a ``reboot`` command or
     a switched OTA update), 1 after a crash (the board made safe each time).
@@ -141,14 +159,25 @@ def sim(argv):
         port = int(_arg(argv, "--ctl-port", "7700"))
     except ValueError:
         raise SystemExit("error: --ctl-port must be a port number")
-    board = SimBoard(time)
+    clock = time
+    offset = _arg(argv, "--tick-offset", None)
+    if offset is not None:
+        from firmware.hal_sim import TICKS_PERIOD, WrapClock
+        try:
+            start = int(offset)
+        except ValueError:
+            raise SystemExit("error: --tick-offset must be a number of ms")
+        if not 0 <= start < TICKS_PERIOD:
+            raise SystemExit("error: --tick-offset must be 0..2^30-1 ms")
+        clock = WrapClock(start)
+    board = SimBoard(clock)
     board.reset_reason = _arg(argv, "--reset-cause", "power_on")
     cfg, secrets = settings.load(directory)
 
     def log(text):
         print("[%s] %s" % (cfg["charger_id"], text))
 
-    charger = app.Charger(board, time, cfg, log)
+    charger = app.Charger(board, clock, cfg, log)
     try:
         control = UdpControl(board, charger, port)
     except OSError as exc:

@@ -157,6 +157,25 @@ def test_charger_cannot_publish_any_setpoint_or_command(sec):
             c.close()
 
 
+def test_oversized_publish_from_a_charger_never_reaches_the_server(sec):
+    server = as_user(sec, secure.SERVER_USER, subscribe=["evse/#"])
+    a = as_user(sec, "bay-1")
+    try:
+        a.c.publish("evse/bay-1/state", b"x" * (secure.MAX_PACKET + 1), qos=0)
+        a.publish("evse/bay-1/online", b"1")     # may fail: the broker drops the client
+    except Exception:
+        pass
+    settle()
+    b = as_user(sec, "bay-1")
+    b.publish("evse/bay-1/state", b'{"v": 1, "id": "bay-1", "state": "A"}')
+    settle()
+    try:
+        assert [len(p) for t, p in server.got if t == "evse/bay-1/state"] == [37]
+    finally:
+        for c in (a, b, server):
+            c.close()
+
+
 def test_charger_cannot_take_over_another_chargers_session(sec):
     """With the victim's client id a takeover would disconnect the victim
     (MQTT 3.1.1 §3.1.4); the broker names each client after its account."""

@@ -191,3 +191,99 @@ def test_server_ignores_a_report_on_a_topic_that_is_not_the_senders(tmp_path):
         assert svc.rejected == 1 and alloc.members["bay-2"].report is None
         svc.handle("evse/bay-2/state", json.dumps(dict(STATE, id="bay-2")).encode(), 1.0)
         assert svc.rejected == 1 and alloc.members["bay-2"].report.measured_a == 19.5
+
+
+def test_two_setups_at_once_leave_one_consistent_ca(tmp_path):
+    """Found by review: concurrent runs left ca.key from one run beside
+    ca.pem from another, and a later broker certificate chained to neither."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    for round_ in range(3):
+        d = tmp_path / str(round_)
+        with ThreadPoolExecutor(6) as pool:
+            list(pool.map(lambda _: secure.setup(d, HOSTS, ["bay-1"]), range(6)))
+        key, ca, created = secure.make_ca(d)
+        assert not created
+        cert = x509.load_pem_x509_certificate((d / "broker.pem").read_bytes())
+        cert.verify_directly_issued_by(ca)
+
+
+def test_ca_key_that_is_not_the_certificates_is_refused(tmp_path):
+    secure.setup(tmp_path / "a", HOSTS, [])
+    secure.setup(tmp_path / "b", HOSTS, [])
+    (tmp_path / "a" / "ca.key").write_bytes((tmp_path / "b" / "ca.key").read_bytes())
+    with pytest.raises(secure.SetupError, match="not the key of ca.pem"):
+        secure.setup(tmp_path / "a", HOSTS, [])
+
+
+def test_first_run_cut_after_the_key_makes_a_new_ca_on_the_next_run(tmp_path):
+    secure.setup(tmp_path, HOSTS, ["bay-1"])
+    (tmp_path / "ca.pem").unlink()       # as if cut between writing ca.key and ca.pem
+    rep = secure.setup(tmp_path, HOSTS, ["bay-1"])
+    assert rep.created_ca and rep.issued_broker_cert
+    ca = x509.load_pem_x509_certificate((tmp_path / "ca.pem").read_bytes())
+    x509.load_pem_x509_certificate((tmp_path / "broker.pem").read_bytes()).verify_directly_issued_by(ca)
+
+
+def test_broker_certificate_from_another_ca_of_the_same_name_is_reissued(tmp_path):
+    """Every CA broker-setup makes has the same name: the issuer's name alone
+    must not make a broker certificate look current."""
+    secure.setup(tmp_path / "a", HOSTS, [])
+    secure.setup(tmp_path / "b", HOSTS, [])
+    for name in ("broker.pem", "broker.key"):
+        (tmp_path / "a" / name).write_bytes((tmp_path / "b" / name).read_bytes())
+    assert secure.setup(tmp_path / "a", HOSTS, []).issued_broker_cert
+    ca = x509.load_pem_x509_certificate((tmp_path / "a" / "ca.pem").read_bytes())
+    x509.load_pem_x509_certificate((tmp_path / "a" / "broker.pem").read_bytes()).verify_directly_issued_by(ca)
+
+
+def test_broker_group_reads_the_broker_files_but_never_the_ca_key_or_passwords(tmp_path):
+    import grp
+    import os
+
+    group = grp.getgrgid(os.getgid()).gr_name
+    secure.setup(tmp_path / "b", HOSTS, ["bay-1"], broker_group=group)
+    d = tmp_path / "b"
+    for name in secure.BROKER_FILES:
+        st = (d / name).stat()
+        assert (stat.S_IMODE(st.st_mode), st.st_gid) == (0o640, os.getgid()), name
+    assert stat.S_IMODE(d.stat().st_mode) == 0o750
+    assert stat.S_IMODE((d / "ca.key").stat().st_mode) == 0o600
+    assert stat.S_IMODE((d / "passwords").stat().st_mode) == 0o700
+
+
+def test_existing_directory_keeps_its_mode_and_a_symlink_is_refused(tmp_path):
+    d = tmp_path / "shared"
+    d.mkdir(mode=0o755)
+    d.chmod(0o755)
+    secure.setup(d, HOSTS, [])
+    assert stat.S_IMODE(d.stat().st_mode) == 0o755
+    (tmp_path / "link").symlink_to(d)
+    with pytest.raises(secure.SetupError, match="symbolic link"):
+        secure.setup(tmp_path / "link", HOSTS, [])
+
+
+@pytest.mark.parametrize("prefix", ["evse/#", "e+", "has space", "two\nlines", "", "x" * 33])
+def test_topic_prefix_that_could_widen_the_acl_is_refused(tmp_path, prefix):
+    with pytest.raises(secure.SetupError, match="--prefix"):
+        secure.setup(tmp_path / "d", HOSTS, ["bay-1"], prefix=prefix)
+    assert not (tmp_path / "d").exists()
+
+
+def test_flood_of_refused_states_cannot_fill_the_servers_log(tmp_path):
+    db = tmp_path / "s.db"
+    with GroupStore(str(db)) as store:
+        store.create_group("garage", 50, 40)
+        store.add_member("garage", "bay-2", 32)
+    lines = []
+    with GroupStore(str(db)) as store:
+        svc = Service(store, out=lines.append)
+        svc.reload(0.0)
+        bad = json.dumps(dict(STATE, id="bay-1")).encode()
+        for i in range(100):
+            svc.handle("evse/bay-2/state", bad, 1.0 + i * 0.05)     # 100 in 5 s
+        svc.handle("evse/bay-2/state", bad, 11.5)
+    assert svc.rejected == 101
+    assert [x for x in lines if x.startswith("ignored")] == [
+        "ignored state from bay-2: it says it is from 'bay-1'",
+        "ignored state from bay-2: it says it is from 'bay-1' (99 more since the last one)"]

@@ -330,9 +330,16 @@ def test_provision_refuses_a_bad_id_or_current_with_the_validators_message_and_w
     assert not keep.exists()
 
 
+def real_ca(tmp_path, name="ca"):
+    """A CA certificate made as broker-setup makes it (PEM file)."""
+    from evse_tools.server import secure
+
+    secure.make_ca(tmp_path / name)
+    return tmp_path / name / "ca.pem"
+
+
 def test_provision_builds_settings_and_secrets_that_the_firmware_loads(monkeypatch, tmp_path):
-    ca = tmp_path / "ca.pem"
-    ca.write_text("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
+    ca = real_ca(tmp_path)
     code, out, err, keep = provision(
         monkeypatch, tmp_path, "--id", "garage-1", "--broker", "mqtts://broker.example:8884",
         "--wifi-ssid", "Garage WiFi", "--wifi-password-env", "WIFI_PW", "--mqtt-user", "garage-1",
@@ -368,7 +375,8 @@ def test_provision_builds_settings_and_secrets_that_the_firmware_loads(monkeypat
 ])
 def test_provision_broker_url_sets_host_port_and_tls_with_the_right_default_port(
         monkeypatch, tmp_path, url, host, port, tls):
-    code, _, _, keep = provision(monkeypatch, tmp_path, "--id", "g1", "--broker", url)
+    ca = ("--ca", real_ca(tmp_path)) if tls else ()
+    code, _, _, keep = provision(monkeypatch, tmp_path, "--id", "g1", "--broker", url, *ca)
     cfg = json.loads((keep / "settings.json").read_text())
     assert code == 0 and (cfg["mqtt_host"], cfg["mqtt_port"], cfg["mqtt_tls"]) == (host, port, tls)
 
@@ -680,3 +688,39 @@ def test_fake_esp32_catches_a_copy_made_while_the_watchdog_is_armed(monkeypatch,
         board.close()
     assert code == 0
     assert board.writes_while_armed() == ["settings.json.tmp", "secrets.json.tmp"]
+
+
+def test_provision_refuses_a_ca_with_plain_mqtt_which_would_leave_the_charger_offline(
+        monkeypatch, tmp_path):
+    code, _, err, keep = provision(monkeypatch, tmp_path, "--id", "g1", "--broker", "mqtt://b.lan",
+                                   "--ca", real_ca(tmp_path))
+    assert (code, err) == (1, "error: --ca with a plain mqtt:// broker: use mqtts://HOST:8883 for TLS\n")
+    assert not keep.exists()
+
+
+def test_provision_refuses_tls_without_a_ca_to_verify_the_broker(monkeypatch, tmp_path):
+    code, _, err, keep = provision(monkeypatch, tmp_path, "--id", "g1", "--broker", "mqtts://b.lan")
+    assert code == 1 and "mqtts:// broker needs --ca" in err and not keep.exists()
+
+
+def test_provision_refuses_a_ca_file_that_is_no_certificate(monkeypatch, tmp_path):
+    ca = tmp_path / "fake.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
+    code, _, err, keep = provision(monkeypatch, tmp_path, "--id", "g1", "--broker", "mqtts://b.lan",
+                                   "--ca", ca)
+    assert code == 1 and "not a valid PEM certificate" in err and not keep.exists()
+
+
+def test_provision_takes_two_cas_for_a_change_of_ca(monkeypatch, tmp_path):
+    both = tmp_path / "both.pem"
+    both.write_text(real_ca(tmp_path, "old").read_text() + real_ca(tmp_path, "new").read_text())
+    code, _, err, keep = provision(monkeypatch, tmp_path, "--id", "g1", "--broker", "mqtts://b.lan",
+                                   "--ca", both)
+    assert (code, err) == (0, "")
+    assert json.loads((keep / "secrets.json").read_text())["ca_cert"] == both.read_text()
+
+
+def test_provision_warns_that_plain_mqtt_sends_the_password_in_the_clear(monkeypatch, tmp_path):
+    code, _, err, _ = provision(monkeypatch, tmp_path, "--id", "g1", "--broker", "mqtt://b.lan",
+                                "--mqtt-user", "g1")
+    assert code == 0 and "in the clear" in err

@@ -408,7 +408,10 @@ def parse_broker(url):
     ``{"mqtt_host", "mqtt_port", "mqtt_tls"}`` (default port 1883, 8883 for
     TLS). Raises UserError for anything else, including credentials in the
     URL (they belong in the secrets)."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:   # "mqtt://[::1": urllib's "Invalid IPv6 URL"
+        raise UserError("--broker %s: %s; use mqtt://host:port or mqtts://host:port" % (url, exc))
     if parts.scheme not in ("mqtt", "mqtts"):
         raise UserError("--broker %s: use mqtt://host:port or mqtts://host:port" % url)
     if parts.username is not None or parts.password is not None:
@@ -457,6 +460,15 @@ def _read_ca(path):
         raise UserError("--ca %s: cannot read a PEM certificate (%s)" % (path, exc))
     if "-----BEGIN CERTIFICATE-----" not in text:
         raise UserError("--ca %s: not a PEM certificate (no BEGIN CERTIFICATE line)" % path)
+    if len(text) <= 4096:     # longer: the firmware's own validator says so below
+        from cryptography import x509
+
+        try:
+            certs = x509.load_pem_x509_certificates(text.encode("ascii"))
+        except ValueError as exc:
+            raise UserError("--ca %s: not a valid PEM certificate (%s)" % (path, exc))
+        if len(certs) > 4:
+            raise UserError("--ca %s: %d certificates; the charger trusts at most 4" % (path, len(certs)))
     return text
 
 
@@ -490,7 +502,16 @@ def provision_files(args):
         if value is not None:
             secrets[key] = value
     if args.ca:
+        if args.broker and not values.get("mqtt_tls"):
+            # The charger would refuse to run plain MQTT with a CA (it means TLS was meant).
+            raise UserError("--ca with a plain mqtt:// broker: use mqtts://HOST:8883 for TLS")
         secrets["ca_cert"] = _read_ca(args.ca)
+    elif values.get("mqtt_tls"):
+        raise UserError("an mqtts:// broker needs --ca (the CA from evse-server broker-setup): "
+                        "the charger verifies the broker and never connects unverified")
+    if args.broker and not values.get("mqtt_tls") and args.mqtt_user is not None:
+        print("warning: with mqtt:// the broker password crosses the network in the clear; "
+              "use mqtts:// and --ca", file=sys.stderr)
     return (build_file(settings.SCHEMA, "settings.json", values, SETTING_OPTIONS),
             build_file(settings.SECRETS, "secrets.json", secrets, SECRET_OPTIONS))
 
@@ -527,12 +548,18 @@ def cmd_provision(args):
     print("# secrets.json: " + masked(secrets_text))
     if args.keep:
         directory = os.path.abspath(args.keep)
-        os.makedirs(directory, mode=0o700, exist_ok=True)
+        try:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+        except OSError as exc:
+            raise UserError("--keep %s: cannot make the folder (%s)" % (args.keep, exc.strerror or exc))
     else:
         directory = tempfile.mkdtemp(prefix="evse-provision-")  # mode 0700
     try:
-        _write_private(os.path.join(directory, "settings.json"), settings_text)
-        _write_private(os.path.join(directory, "secrets.json"), secrets_text)
+        try:
+            _write_private(os.path.join(directory, "settings.json"), settings_text)
+            _write_private(os.path.join(directory, "secrets.json"), secrets_text)
+        except OSError as exc:
+            raise UserError("cannot write the settings into %s (%s)" % (directory, exc.strerror or exc))
         for i, argv in enumerate(provision_plan(port, directory)):
             try:
                 _step(argv, args.dry_run)
@@ -550,6 +577,16 @@ def cmd_provision(args):
 
 
 # --- command line
+
+
+def _baud(text):
+    try:
+        baud = int(text)
+    except ValueError:
+        baud = 0
+    if not 9600 <= baud <= 5000000:
+        raise argparse.ArgumentTypeError("baud rate must be a whole number 9600..5000000, not %r" % text)
+    return baud
 
 
 def _parser():
@@ -570,7 +607,7 @@ def _parser():
     p.add_argument("--image", required=True, help="MicroPython .bin for the chip")
     p.add_argument("--chip", choices=sorted(FLASH_OFFSETS), default="esp32",
                    help="esp32 (image at 0x1000, default), esp32s3 or esp32c3 (at 0x0)")
-    p.add_argument("--baud", type=int, default=460800, help="bit/s while writing (default 460800)")
+    p.add_argument("--baud", type=_baud, default=460800, help="bit/s while writing (default 460800)")
     p.set_defaults(func=cmd_flash)
 
     p = sub.add_parser("deploy", parents=[common], allow_abbrev=False,

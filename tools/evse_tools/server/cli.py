@@ -108,6 +108,10 @@ def build_parser():
     bs.add_argument("--prefix", default="evse", help="charger topic prefix (default evse)")
     bs.add_argument("--rotate", action="append", default=[], metavar="USER",
                     help="renew this account's password (repeatable)")
+    bs.add_argument("--broker-group", metavar="GROUP",
+                    help="group that may read the broker's files (default: mosquitto when run "
+                         "as root and it exists, as a packaged mosquitto drops to that user; "
+                         "'none': nobody but you)")
 
     r = top.add_parser("run", help="run the MQTT load-group service")
     r.add_argument("--broker", type=_broker, default=("localhost", 1883), metavar="HOST:PORT",
@@ -169,8 +173,13 @@ def _broker_setup(args, store, out):
         raise StoreError("--port must be 1..65535")
     ids = [mb.id for gr in store.list_groups() for mb in gr.members]
     directory = Path(args.dir)
+    group = args.broker_group
+    if group is None:
+        group = secure.default_broker_group()
+    elif group == "none":
+        group = None
     try:
-        rep = secure.setup(directory, args.host, ids, args.prefix, args.port, args.rotate)
+        rep = secure.setup(directory, args.host, ids, args.prefix, args.port, args.rotate, group)
     except (secure.SetupError, OSError) as exc:
         raise StoreError(str(exc)) from exc
     d = directory
@@ -183,6 +192,9 @@ def _broker_setup(args, store, out):
         if names:
             out.write("  %-11s %s\n" % (what, ", ".join(names)))
     out.write("wrote         %s, %s, %s\n" % (d / "passwd", d / "acl", d / "mosquitto.conf"))
+    if group:
+        out.write("readable by   group %s: %s (never ca.key or passwords/)\n"
+                  % (group, ", ".join(secure.BROKER_FILES)))
     host = sorted(args.host)[0]
     out.write("next:\n")
     out.write("  broker   mosquitto -c %s   (running already: kill -HUP it to reload "

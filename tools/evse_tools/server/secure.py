@@ -33,16 +33,21 @@ the old one, so a crash leaves the old or the new file, never half of one.
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime
+import fcntl
+import grp
 import hashlib
 import ipaddress
 import os
 import re
 import secrets
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -56,6 +61,12 @@ charger a command and read states, but not send setpoints. A separate account
 because the broker names each client after its account (below), and a tool
 logged in as the server would push the running server off the broker."""
 CHARGER_ID = re.compile(r"[a-z0-9-]{1,32}\Z")
+TOPIC_PREFIX = re.compile(r"[a-z0-9_/-]{1,32}\Z")
+"""The firmware's ``topic_prefix`` characters: no MQTT wildcard, space or
+newline can reach the ACL file."""
+BROKER_FILES = ("ca.pem", "broker.pem", "broker.key", "passwd", "acl", "mosquitto.conf")
+"""What mosquitto reads. With a broker group these are group-readable (0640);
+``ca.key`` and ``passwords/`` never are."""
 CA_DAYS = 20 * 365
 """CA validity, days: longer than a charger's service life, because replacing
 the CA means re-provisioning every charger."""
@@ -69,6 +80,8 @@ power-on before any time sync (MicroPython's epoch). MicroPython checks
 certificate dates on the ESP32 since 1.22 (micropython/micropython PR 13100);
 a charger without NTP would otherwise refuse a broker whose certificate
 starts today and stay on its offline current."""
+MAX_PACKET = 65536
+"""Largest MQTT packet the broker takes, bytes (mosquitto ``max_packet_size``)."""
 PBKDF2_ITERATIONS = 101
 """mosquitto_passwd's default for its "$7$" PBKDF2-SHA512 hashes (mosquitto 2.0)."""
 
@@ -92,15 +105,20 @@ class SetupReport:
 
 
 def _write(path: Path, data: bytes, private: bool = False) -> None:
-    """Write ``data`` to ``path`` atomically: temp file, fsync, rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
+    """Write ``data`` to ``path`` atomically: a temp file of its own (mode
+    0600, or 0644 unless ``private``), fsync, rename."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".")
     try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o600 if private else 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def _key_pem(key) -> bytes:
@@ -152,17 +170,27 @@ def check_host(host: str) -> str:
     return host.lower()
 
 
+def _same_key(private_key, cert: x509.Certificate) -> bool:
+    return private_key.public_key().public_numbers() == cert.public_key().public_numbers()
+
+
 def make_ca(directory: Path) -> tuple[object, x509.Certificate, bool]:
     """Load the CA from ``directory`` or create it (EC P-256, :data:`CA_DAYS`).
-    Returns ``(key, certificate, created)``. Raises SetupError if only one of
-    ``ca.key``/``ca.pem`` exists or either is unreadable: a new CA would lock
-    out every provisioned charger, so it is never made silently over an old one."""
+    Returns ``(key, certificate, created)``.
+
+    ``ca.key`` is written before ``ca.pem``, so a key without a certificate
+    is a first run cut short: no charger can trust that CA yet, and a new one
+    is made. Raises SetupError for a certificate without its key, an
+    unreadable file, or a key that is not the certificate's: a new CA would
+    lock out every provisioned charger, so it is never made over an old one."""
     key_path, cert_path = directory / "ca.key", directory / "ca.pem"
-    if key_path.exists() or cert_path.exists():
+    if cert_path.exists():
         try:
             key = serialization.load_pem_private_key(key_path.read_bytes(), None)
             cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
-        except (OSError, ValueError) as exc:
+            if not _same_key(key, cert):
+                raise ValueError("ca.key is not the key of ca.pem")
+        except (OSError, ValueError, TypeError) as exc:
             raise SetupError("the CA in %s is incomplete or unreadable (%s); restore ca.key and "
                              "ca.pem from a backup, or move both away to start a new CA "
                              "(then re-provision every charger)" % (directory, exc)) from None
@@ -179,9 +207,12 @@ def make_ca(directory: Path) -> tuple[object, x509.Certificate, bool]:
 def _broker_cert_current(directory: Path, ca_cert, hosts: list[str]) -> bool:
     try:
         cert = x509.load_pem_x509_certificate((directory / "broker.pem").read_bytes())
-        serialization.load_pem_private_key((directory / "broker.key").read_bytes(), None)
+        key = serialization.load_pem_private_key((directory / "broker.key").read_bytes(), None)
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except (OSError, ValueError, x509.ExtensionNotFound):
+        cert.verify_directly_issued_by(ca_cert)      # signed by this CA, not just named after it
+        if not _same_key(key, cert):
+            return False
+    except (OSError, ValueError, TypeError, x509.ExtensionNotFound, InvalidSignature):
         return False
     have = [str(n.value) for n in san]
     left = cert.not_valid_after_utc - _now()
@@ -235,19 +266,54 @@ def mosquitto_conf_text(directory: Path, port: int = 8883, bind: str | None = No
         "certfile %s" % (d / "broker.pem"),
         "keyfile %s" % (d / "broker.key"),
         "tls_version tlsv1.2",
+        # A state is under 1 KB and a group's state a few KB: nobody needs
+        # more, and a charger account must not be able to flood the server.
+        "max_packet_size %d" % MAX_PACKET,
     ]) + "\n"
 
 
+def default_broker_group() -> str | None:
+    """``mosquitto`` when run as root and that group exists (a packaged
+    mosquitto started as root drops to the user ``mosquitto``), else None."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        grp.getgrnam("mosquitto")
+    except KeyError:
+        return None
+    return "mosquitto"
+
+
+def _make_dir(path: Path, mode: int) -> None:
+    """Create ``path`` with ``mode``; an existing directory keeps its mode
+    (``--dir .`` must not lock out the directory's other users), but must be
+    a real directory, not a symlink to one."""
+    if path.is_symlink():
+        raise SetupError("%s is a symbolic link: give the real directory" % path)
+    try:
+        path.mkdir(parents=True)
+        os.chmod(path, mode)
+    except FileExistsError:
+        if not path.is_dir():
+            raise SetupError("%s exists and is not a directory" % path) from None
+
+
 def setup(directory: Path, hosts: list[str], chargers: list[str], prefix: str = "evse",
-          port: int = 8883, rotate: list[str] = ()) -> SetupReport:
+          port: int = 8883, rotate: list[str] = (), broker_group: str | None = None) -> SetupReport:
     """Create or update the broker's security files in ``directory`` (see the
     module docstring) for ``hosts`` (the names and addresses the chargers use
     to reach the broker, at least one) and ``chargers`` (ids). ``rotate``:
-    accounts whose password is renewed. Returns a :class:`SetupReport`.
-    Raises SetupError for a bad host, id or rotate name, or an unusable CA."""
+    accounts whose password is renewed. ``broker_group``: a group that may
+    read :data:`BROKER_FILES` (mode 0640; the directory 0750), for a broker
+    that runs as another user; ``ca.key`` and ``passwords/`` stay the
+    caller's alone. Two runs on one directory take turns (a lock file).
+    Returns a :class:`SetupReport`. Raises SetupError for a bad host, id,
+    prefix, group or rotate name, or an unusable CA."""
     if not hosts:
         raise SetupError("give at least one --host: the name or address chargers use for the broker")
     hosts = sorted({check_host(h) for h in hosts})
+    if not TOPIC_PREFIX.match(prefix):
+        raise SetupError("--prefix %r: use 1-32 of a-z 0-9 _ / -" % prefix)
     for cid in chargers:
         if not CHARGER_ID.match(cid):
             raise SetupError("charger id %r is not [a-z0-9-]{1,32}" % cid)
@@ -256,8 +322,25 @@ def setup(directory: Path, hosts: list[str], chargers: list[str], prefix: str = 
     for name in rotate:
         if name not in users:
             raise SetupError("--rotate %s: no such account (accounts: %s)" % (name, ", ".join(users)))
-    directory.mkdir(parents=True, exist_ok=True)
-    os.chmod(directory, 0o700)
+    gid = None
+    if broker_group is not None:
+        try:
+            gid = grp.getgrnam(broker_group).gr_gid
+        except KeyError:
+            raise SetupError("--broker-group %s: no such group" % broker_group) from None
+    _make_dir(directory, 0o750 if gid is not None else 0o700)
+    with open(directory / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        report = _setup_locked(directory, hosts, chargers, users, prefix, port, rotate)
+        if gid is not None:
+            os.chown(directory, -1, gid)
+            for name in BROKER_FILES:
+                os.chown(directory / name, -1, gid)
+                os.chmod(directory / name, 0o640)
+    return report
+
+
+def _setup_locked(directory, hosts, chargers, users, prefix, port, rotate) -> SetupReport:
     report = SetupReport(directory)
     ca_key, ca_cert, report.created_ca = make_ca(directory)
     if report.created_ca or not _broker_cert_current(directory, ca_cert, hosts):
@@ -268,8 +351,7 @@ def setup(directory: Path, hosts: list[str], chargers: list[str], prefix: str = 
         _write(directory / "broker.pem", cert.public_bytes(serialization.Encoding.PEM))
         report.issued_broker_cert = True
     pw_dir = directory / "passwords"
-    pw_dir.mkdir(exist_ok=True)
-    os.chmod(pw_dir, 0o700)
+    _make_dir(pw_dir, 0o700)
     entries = []
     for user in users:
         path = pw_dir / user
@@ -282,7 +364,7 @@ def setup(directory: Path, hosts: list[str], chargers: list[str], prefix: str = 
             (report.rotated if user in rotate else report.added).append(user)
         entries.append("%s:%s" % (user, mosquitto_hash(password)))
     for path in sorted(pw_dir.iterdir()):
-        if path.name not in users and not path.name.endswith(".tmp"):
+        if path.name not in users and not path.name.startswith("."):
             path.unlink()
             report.removed.append(path.name)
     _write(directory / "passwd", ("\n".join(entries) + "\n").encode(), private=True)

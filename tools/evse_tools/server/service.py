@@ -34,6 +34,8 @@ GROUP_STATE_S = 1.0
 RELOAD_S = 5.0
 """How often the installer's changes in the database are picked up, s."""
 STATES = ("A", "B", "C", "D", "E", "F")
+REJECT_LOG_S = 10.0
+"""Shortest time between two "ignored state" log lines for one member, s."""
 
 
 def parse_state(payload: bytes, topic_id: str | None = None) -> Report:
@@ -105,6 +107,7 @@ class Service:
         self.seq = [0]          # one seq counter for every group of this epoch
         self.rejected = 0
         self.errors = 0
+        self._reject_log: dict[str, tuple[float, int]] = {}   # member -> (last logged, unlogged)
         self._config_due: dict[str, int] = {}
         self._config_sent: dict[str, float] = {}
         self._last_group_state: dict[str, float] = {}
@@ -202,13 +205,25 @@ class Service:
             report = parse_state(payload, mid)
         except ValueError as exc:
             self.rejected += 1
-            self.out(f"ignored state from {mid}: {exc}")
+            self._log_rejection(mid, exc, at)
             return
         alloc = self.allocators[group]
         alloc.on_report(mid, report, at)
         want = int(alloc.group.t_wd_s)
         if report.t_wd_s is not None and report.t_wd_s != want:
             self._config_due[mid] = want   # its watchdog must match the group's
+
+    def _log_rejection(self, mid: str, exc: Exception, at: float) -> None:
+        """Log a refused state at most once per :data:`REJECT_LOG_S` per member
+        (a flood of bad reports must not fill the disk), with the count of
+        those not logged since."""
+        last, quiet = self._reject_log.get(mid, (-1e9, 0))
+        if at - last < REJECT_LOG_S:
+            self._reject_log[mid] = (last, quiet + 1)
+            return
+        more = f" ({quiet} more since the last one)" if quiet else ""
+        self.out(f"ignored state from {mid}: {exc}{more}")
+        self._reject_log[mid] = (at, 0)
 
     def step(self, client, now: float) -> None:
         """One round: reload, take reports, allocate, publish."""
@@ -267,6 +282,9 @@ def run(store: GroupStore, args) -> int:
     except secure.SetupError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    if args.username and not (args.tls or args.cafile):
+        print("warning: without --tls/--cafile the broker password crosses the network in the clear",
+              file=sys.stderr)
     client.on_connect = svc.on_connect
     client.on_message = svc.on_message
     client.reconnect_delay_set(1, 30)
