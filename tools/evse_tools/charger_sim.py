@@ -13,6 +13,7 @@ Reference EV (default): Chevrolet Bolt EV (2020): 7.2 kW onboard charger,
 """
 import argparse
 import json
+import math
 import os
 import shutil
 import socket
@@ -248,8 +249,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.offline != 0 and not 6 <= args.offline <= 80:
         ap.error("--offline must be 0 or 6..80 A")
     unplug_at = args.unplug_at if args.unplug_at is not None else args.t_wd + 5
-    if args.plug_at < 0:
-        ap.error("--plug-at must be 0 or more")
+    # nan compares false with everything: without this an --unplug-at nan
+    # never comes, and the charger runs for ever.
+    if not (math.isfinite(args.plug_at) and args.plug_at >= 0):
+        ap.error("--plug-at must be a number of seconds, 0 or more")
+    if not math.isfinite(unplug_at):
+        ap.error("--unplug-at must be a finite number of seconds")
     if unplug_at <= args.plug_at:
         ap.error("--unplug-at must come after --plug-at")
     samples = run(args.t_wd, args.offline, args.plug_at, unplug_at, BOLT_EV)

@@ -397,6 +397,13 @@ def _file_arg(text: str) -> tuple[str, Path]:
     return dev, Path(src)
 
 
+def _dir_arg(text: str) -> Path:
+    # Path("") is ".": an empty --out would write the keys into the current folder.
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty folder name is not a folder")
+    return Path(text)
+
+
 def _port_arg(text: str) -> int:
     try:
         port = int(text)
@@ -411,12 +418,12 @@ def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="evse-ota", description=(__doc__ or "").splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     p = sub.add_parser("keygen", help="create the OTA signing key pair")
-    p.add_argument("--out", required=True, type=Path, metavar="DIR",
+    p.add_argument("--out", required=True, type=_dir_arg, metavar="DIR",
                    help="folder for ota_private.pem (0600) and ota_key.json; keep it out of git")
     p = sub.add_parser("build", help="build and sign a bundle")
     p.add_argument("--key", required=True, type=Path, metavar="PEM", help="ota_private.pem")
     p.add_argument("--version", required=True, type=_version_arg, metavar="X.Y.Z")
-    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="new bundle folder")
+    p.add_argument("--out", required=True, type=_dir_arg, metavar="DIR", help="new bundle folder")
     p.add_argument("--file", action="append", type=_file_arg, metavar="PATH",
                    help="a file to ship (repeatable): PATH relative to the current folder, "
                         "or DEVICE_PATH=SOURCE; default: boot.py, main.py, firmware/*.py "
