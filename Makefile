@@ -14,7 +14,7 @@ DEVICE_PY := boot.py main.py $(wildcard firmware/*.py)
 # MicroPython's module path (it replaces the default, so .frozen stays first).
 FW_PATH := .frozen:$(CURDIR):$(CURDIR)/lib
 
-.PHONY: help sim charger test test-cpython test-mpy check lib venv clean bench flash deploy repl provision
+.PHONY: help sim charger test test-cpython test-mpy check lib venv clean bench faults flash deploy repl provision
 
 help:
 	@echo "make sim         the simulated load group (SCENARIO=garage|shortage|busy-day|gfci)"
@@ -22,6 +22,7 @@ help:
 	@echo "make test        all tests: CPython, MicroPython unix port, make check"
 	@echo "make check       mpy-cross + pyright on every device-side file"
 	@echo "make bench       benchmarks: tables on stdout, JSON in out/bench.json (QUICK=1: a smoke run)"
+	@echo "make faults      fault-injection suite: table on stdout, JSON in out/faults.json (QUICK=1: the CI size)"
 	@echo "make lib         install device libraries (umqtt.simple) into lib/"
 	@echo "make clean       remove .venv, build/ and installed lib/ code"
 	@echo "make flash       write MicroPython to a charger: IMAGE=file.bin PORT=/dev/ttyUSB0 [CHIP=esp32s3]"
@@ -81,6 +82,10 @@ check: $(STAMP)
 # Benchmarks print figures; they are never timed assertions in tests.
 bench: $(STAMP) $(UMQTT)
 	$(BIN)/python -m evse_tools.bench.run --out out/bench.json $(if $(QUICK),--quick,)
+
+# Fault injection end to end (issue 6): about 20 minutes; QUICK=1 about 4.
+faults: $(STAMP) $(UMQTT)
+	$(BIN)/python -m evse_tools.faultsuite --out out/faults.json $(if $(QUICK),--quick,)
 
 clean:
 	rm -rf $(VENV) build out .pytest_cache .hypothesis lib/umqtt

@@ -20,6 +20,43 @@ _LEVEL_MV = {"A": 12000, "B": 9000, "C": 6000, "D": 3000}
 _NO_DIODE_LOW_MV = -9000   # EV resistor loads the negative half without a diode
 
 
+TICKS_PERIOD = 1 << 30
+"""The ESP32's ``time.ticks_ms`` period, ms (2^30 ms, about 12.4 days; C6)."""
+
+
+class WrapClock:
+    """A clock with the ESP32's tick arithmetic for the simulated charger on
+    the unix port, whose own ``time.ticks_ms`` only wraps after 2^62 ms.
+
+    ``ticks_ms()`` starts at ``start_ms`` (0..2^30-1) and counts real
+    milliseconds modulo 2^30; ``ticks_diff``/``ticks_add`` use the same
+    period, as MicroPython's do on the ESP32 (a difference is valid within
+    +/- 2^29 ms). ``start_ms`` just below 2^30 runs the charger across the
+    wrap a few seconds after boot (the fault-injection suite's wrap
+    scenario). ``sleep_ms`` is the real one. Pass it as the ``clock`` of the
+    board and of :class:`firmware.app.Charger`.
+    """
+
+    def __init__(self, start_ms):
+        self._start = start_ms % TICKS_PERIOD
+        self._base = time.ticks_ms()
+
+    def ticks_ms(self):
+        return (self._start + time.ticks_diff(time.ticks_ms(), self._base)) % TICKS_PERIOD
+
+    def ticks_diff(self, a, b):
+        d = (a - b) % TICKS_PERIOD
+        if d >= TICKS_PERIOD // 2:
+            d -= TICKS_PERIOD
+        return d
+
+    def ticks_add(self, t, delta):
+        return (t + delta) % TICKS_PERIOD
+
+    def sleep_ms(self, ms):
+        time.sleep_ms(ms)
+
+
 class SimBoard(Board):
     """The simulated board. ``clock`` provides ``ticks_ms``/``ticks_diff``.
 

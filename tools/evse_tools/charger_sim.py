@@ -61,11 +61,15 @@ class SimCharger:
     after an OTA switch; 1: a crash, after which a real board resets too),
     with the matching reset cause, and plugs the same EV back in (it never
     left). ``restart_on_exit=False`` leaves an ended process ended.
+    ``extra_argv`` is added to ``main.py``'s options at every boot (e.g.
+    ``--tick-offset MS``).
     """
 
     def __init__(self, settings: dict | None, workdir: Path, port: int | None = None,
-                 watchdog_s: float = 5.0, restart_on_exit: bool = True):
+                 watchdog_s: float = 5.0, restart_on_exit: bool = True,
+                 extra_argv: list[str] | None = None):
         self.workdir = workdir
+        self.extra_argv = list(extra_argv or [])
         self.restart_on_exit = restart_on_exit
         self.exits: list[int] = []
         self.port = port or free_udp_port()
@@ -91,6 +95,7 @@ class SimCharger:
                 "--ctl-port", str(self.port)]
         if reset_cause:
             argv += ["--reset-cause", reset_cause]
+        argv += self.extra_argv
         self.proc = subprocess.Popen(argv, env=env, stdout=self.log, stderr=subprocess.STDOUT)
 
     def check_watchdog(self) -> bool:
@@ -115,6 +120,21 @@ class SimCharger:
         if self._plugged is not None:
             self.send({"cmd": "plug", "ev": self._plugged})
         return True
+
+    def power_cut(self) -> None:
+        """Kill the firmware process with SIGKILL (a power cut: no clean-up,
+        a write may be cut halfway) and boot it again with reset cause
+        ``power_on``; the EV that was plugged in is plugged in again (it
+        never left). Returns once the new process sends telemetry."""
+        self.proc.kill()
+        self.proc.wait()
+        self.resets += 1
+        self.last_cause = "power_on"
+        self._launch("power_on")
+        self.last_seen = None
+        self.wait_ready()
+        if self._plugged is not None:
+            self.send({"cmd": "plug", "ev": self._plugged})
 
     def send(self, cmd: dict) -> None:
         if cmd.get("cmd") == "plug":

@@ -1,22 +1,106 @@
-"""A TCP proxy that can blackhole a connection, for fault injection on
-loopback (benchmarks and tests): the charger connects to the proxy, the
-proxy to the broker. ``blackhole = True`` keeps every socket open but
-forwards nothing in either direction, like a dead WiFi path; False forwards
-again. Only 127.0.0.1 is used."""
+"""A TCP proxy for fault injection on loopback (benchmarks, tests and the
+fault-injection suite, :mod:`evse_tools.faultsuite`): the charger connects to
+the proxy, the proxy to the broker. Only 127.0.0.1 is used.
+
+Faults, all changeable while connections are open:
+
+``blackhole = True``
+    Every socket stays open but nothing is forwarded in either direction,
+    like a dead WiFi path (bytes read meanwhile are swallowed). False
+    forwards again.
+``delay_s`` (s, >= 0)
+    One-way latency added to every chunk in each direction: a 2 s delay
+    gives a 4 s round trip.
+``loss`` (share 0..1) and ``rto_s`` (s)
+    Packet loss as TCP experiences it. TCP never loses bytes: a lost segment
+    is retransmitted after the retransmission timeout (RTO), and everything
+    behind it waits (head-of-line blocking, byte order kept). So each chunk
+    read from one side is "lost" with probability ``loss``; every loss adds
+    one RTO, doubled for each further loss of the same segment (Linux's
+    exponential backoff, RFC 6298 §5.5), and a chunk is never released
+    before the one in front of it. ``rto_s`` None means the round trip +
+    0.2 s: Linux's SRTT + max(4 x RTTVAR, 200 ms) on a path of constant
+    delay. Sparse MQTT traffic rarely has the three segments behind a loss
+    that fast retransmit needs, so the RTO is the realistic penalty. A
+    chunk is what one ``recv`` returned (at most 4 KB: one MQTT packet or a
+    few, as the firmware sends with TCP_NODELAY).
+
+``publishes`` records every MQTT PUBLISH the proxy delivered, as
+``(time.monotonic() s, direction, topic, payload bytes)``, ``direction``
+being ``"down"`` (broker to client) or ``"up"``; the time is when the last
+byte of the packet was written to the receiving socket. It is the ground
+truth for "when did the charger get its last setpoint", whatever the faults
+did to the path. ``seed`` makes the loss draws repeatable.
+"""
 from __future__ import annotations
 
+import heapq
+import random
 import socket
 import threading
+import time
+
+
+class _MqttTap:
+    """Splits one direction of an MQTT 3.1.1 byte stream into packets and
+    reports each PUBLISH (topic, payload). Tolerates junk: a malformed length
+    stops the tap for that connection (forwarding goes on)."""
+
+    def __init__(self, report):
+        self.buf = bytearray()
+        self.report = report
+        self.dead = False
+
+    def feed(self, data: bytes, t: float) -> None:
+        if self.dead:
+            return
+        self.buf += data
+        while len(self.buf) >= 2:
+            mult, length, i = 1, 0, 1
+            while True:
+                if i >= len(self.buf):
+                    return                       # length not complete yet
+                b = self.buf[i]
+                length += (b & 0x7F) * mult
+                mult *= 128
+                i += 1
+                if not b & 0x80:
+                    break
+                if i > 4:
+                    self.dead = True
+                    return
+            if len(self.buf) < i + length:
+                return
+            first = self.buf[0]
+            body = bytes(self.buf[i:i + length])
+            del self.buf[:i + length]
+            if first >> 4 == 3 and len(body) >= 2:     # PUBLISH
+                tlen = body[0] << 8 | body[1]
+                topic = body[2:2 + tlen].decode("utf-8", "replace")
+                qos = (first >> 1) & 3
+                # QoS 1 and 2 carry a 2-byte packet id before the payload.
+                self.report(t, topic, body[2 + tlen + (2 if qos else 0):])
 
 
 class Proxy:
     """Listens on 127.0.0.1 (``port``, 0 = any free one) and forwards to
-    ``upstream`` (host, port). Use as a context manager or call :meth:`close`."""
+    ``upstream`` (host, port). Use as a context manager or call :meth:`close`.
+    See the module docstring for the faults (``blackhole``, ``delay_s``,
+    ``loss``, ``rto_s``) and the record of delivered PUBLISH packets
+    (``publishes``)."""
 
-    def __init__(self, upstream: tuple[str, int], port: int = 0):
+    def __init__(self, upstream: tuple[str, int], port: int = 0, seed: int | None = None):
         self.upstream = upstream
         self.blackhole = False
+        self.delay_s = 0.0
+        self.loss = 0.0
+        self.rto_s: float | None = None
+        self.publishes: list[tuple[float, str, str, bytes]] = []
+        self.segments_lost = 0
+        self.connections = 0
+        self._rng = random.Random(seed)
         self._stop = False
+        self._lock = threading.Lock()
         self._lsock = socket.socket()
         self._lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._lsock.bind(("127.0.0.1", port))
@@ -26,6 +110,20 @@ class Proxy:
         self.host = "127.0.0.1"
         self._socks: list[socket.socket] = []
         threading.Thread(target=self._accept, daemon=True).start()
+
+    def rto(self) -> float:
+        """The retransmission timeout in force, s."""
+        return self.rto_s if self.rto_s is not None else 2.0 * self.delay_s + 0.2
+
+    def drop_connections(self) -> None:
+        """Close every open connection (both sides see a reset/EOF)."""
+        with self._lock:
+            socks, self._socks = self._socks, []
+        for s in socks:
+            try:
+                s.close()
+            except OSError:
+                pass
 
     def _accept(self):
         while not self._stop:
@@ -38,13 +136,51 @@ class Proxy:
             except OSError:
                 client.close()
                 continue
-            self._socks += [client, up]
-            for a, b in ((client, up), (up, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+            for s in (client, up):
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            with self._lock:
+                self._socks += [client, up]
+                self.connections += 1
+            for a, b, d in ((client, up, "up"), (up, client, "down")):
+                threading.Thread(target=self._pump, args=(a, b, d), daemon=True).start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket):
+    def _record(self, direction):
+        def report(t, topic, payload):
+            self.publishes.append((t, direction, topic, payload))
+        return report
+
+    def _pump(self, src: socket.socket, dst: socket.socket, direction: str):
+        """Read from ``src``; a sender thread writes to ``dst`` when each
+        chunk is due (so that a delay never stalls the reading side)."""
+        queue: list[tuple[float, int, bytes]] = []
+        cv = threading.Condition()
+        state = {"done": False, "n": 0, "last_due": 0.0}
+        tap = _MqttTap(self._record(direction))
+
+        def sender():
+            while True:
+                with cv:
+                    while not queue and not state["done"]:
+                        cv.wait(0.2)
+                    if not queue and state["done"]:
+                        break
+                    due, _n, data = queue[0]
+                    wait = due - time.monotonic()
+                    if wait > 0:
+                        cv.wait(min(wait, 0.2))
+                        continue
+                    heapq.heappop(queue)
+                try:
+                    dst.sendall(data)
+                except OSError:
+                    break
+                tap.feed(data, time.monotonic())
+            state["done"] = True
+            self._close(src, dst)
+
+        threading.Thread(target=sender, daemon=True).start()
         src.settimeout(0.2)
-        while not self._stop:
+        while not self._stop and not state["done"]:
             try:
                 data = src.recv(4096)
             except socket.timeout:
@@ -55,11 +191,28 @@ class Proxy:
                 break
             if self.blackhole:
                 continue                      # swallowed: the path is dead
-            try:
-                dst.sendall(data)
-            except OSError:
-                break
-        for s in (src, dst):
+            now = time.monotonic()
+            due = now + self.delay_s
+            rto, lost = self.rto(), 0
+            while self.loss > 0 and self._rng.random() < self.loss and lost < 6:
+                due += rto * (2 ** lost)      # retransmitted after the (backed-off) RTO
+                lost += 1
+            with cv:
+                self.segments_lost += lost
+                due = max(due, state["last_due"])   # byte order: never overtakes
+                state["last_due"] = due
+                state["n"] += 1
+                heapq.heappush(queue, (due, state["n"], data))
+                cv.notify()
+        # The sender flushes what is queued (the FIN follows the data), then
+        # closes both sockets.
+        with cv:
+            state["done"] = True
+            cv.notify()
+
+    @staticmethod
+    def _close(*socks):
+        for s in socks:
             try:
                 s.close()
             except OSError:
@@ -68,11 +221,7 @@ class Proxy:
     def close(self):
         self._stop = True
         self._lsock.close()
-        for s in self._socks:
-            try:
-                s.close()
-            except OSError:
-                pass
+        self.drop_connections()
 
     def __enter__(self):
         return self
