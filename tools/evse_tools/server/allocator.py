@@ -386,9 +386,16 @@ class Allocator:
         if r is None or a is None or a.current_a < MIN_A:
             return cap, why
         if r.measured_a < a.current_a - TAPER_MARGIN_A:
+            # "Stays below" is judged from reports, not from the clock: only a
+            # report received TAPER_HOLD_S after the first low one proves it.
+            # Found by the fault suite (30 % loss, 2 s latency): one report
+            # taken while the EV was still ramping, then none got through, and
+            # 10 s later the member was "tapering" at 6 A while it drew 13 A,
+            # and the others were raised into the breaker's headroom.
+            seen = m.reported_at if m.reported_at is not None else now
             if m.low_since is None:
-                m.low_since = now
-            if now - m.low_since >= TAPER_HOLD_S:
+                m.low_since = seen
+            if seen - m.low_since >= TAPER_HOLD_S:
                 m.demand_a = max(MIN_A, float(math.ceil(r.measured_a + TAPER_MARGIN_A)))
         else:
             m.low_since = None
