@@ -131,7 +131,9 @@ class Uplink:
             if len(payload) > 1024:
                 raise ValueError("command longer than 1024 bytes")
             msg = strictjson.loads(payload)
-            if type(msg) is not dict or msg.get("v") != 1 or msg.get("cmd") not in COMMANDS:
+            # type() first: true == 1 and 1.0 == 1 in Python, and neither is v 1.
+            if type(msg) is not dict or type(msg.get("v")) is not int or msg["v"] != 1 \
+                    or msg.get("cmd") not in COMMANDS:
                 raise ValueError("unknown command %r" % (msg.get("cmd") if type(msg) is dict else msg,))
             cmd = msg["cmd"]
             if cmd == "reset_fault":

@@ -403,24 +403,28 @@ def add_broker_auth_arguments(parser) -> None:
 
 
 def configure_client(client, args) -> None:
-    """Apply ``args``' account and TLS options to a paho ``client``. TLS always
-    verifies the broker's certificate and host name. Raises SetupError for a
-    missing password source or an unreadable CA file."""
-    if args.username:
-        password = args.password
-        if args.password_env:
-            password = os.environ.get(args.password_env)
+    """Apply ``args``' account and TLS options (see
+    :func:`add_broker_auth_arguments`; a missing attribute counts as not
+    given) to a paho ``client``. TLS always verifies the broker's certificate
+    and host name. Raises SetupError for a missing password source or an
+    unreadable CA file."""
+    opt = {name: getattr(args, name, None) for name in
+           ("username", "password", "password_env", "password_file", "tls", "cafile")}
+    if opt["username"]:
+        password = opt["password"]
+        if opt["password_env"]:
+            password = os.environ.get(opt["password_env"])
             if password is None:
-                raise SetupError("environment variable %s is not set" % args.password_env)
-        elif args.password_file:
-            password = read_password(args.password_file)
-        client.username_pw_set(args.username, password)
-    elif args.password or args.password_env or args.password_file:
+                raise SetupError("environment variable %s is not set" % opt["password_env"])
+        elif opt["password_file"]:
+            password = read_password(opt["password_file"])
+        client.username_pw_set(opt["username"], password)
+    elif opt["password"] or opt["password_env"] or opt["password_file"]:
         raise SetupError("a password was given without --username")
-    if args.tls or args.cafile:
-        if args.cafile and not os.path.isfile(args.cafile):
-            raise SetupError("--cafile %s: no such file" % args.cafile)
+    if opt["tls"] or opt["cafile"]:
+        if opt["cafile"] and not os.path.isfile(opt["cafile"]):
+            raise SetupError("--cafile %s: no such file" % opt["cafile"])
         try:
-            client.tls_set(ca_certs=args.cafile)
+            client.tls_set(ca_certs=opt["cafile"])
         except (OSError, ValueError) as exc:
-            raise SetupError("--cafile %s: %s" % (args.cafile, exc)) from None
+            raise SetupError("--cafile %s: %s" % (opt["cafile"], exc)) from None

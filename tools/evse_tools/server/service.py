@@ -51,9 +51,10 @@ def parse_state(payload: bytes, topic_id: str | None = None) -> Report:
         raise ValueError("state message longer than 2048 bytes")
     try:
         msg = json.loads(payload)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ValueError(f"not JSON: {exc}") from None
-    if not isinstance(msg, dict) or msg.get("v") != 1:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise ValueError(f"not JSON: {type(exc).__name__}") from None
+    # type() first: true == 1 and 1.0 == 1 in Python, and neither is v 1.
+    if not isinstance(msg, dict) or type(msg.get("v")) is not int or msg["v"] != 1:
         raise ValueError("not a v1 state object")
     if topic_id is not None and "id" in msg and msg["id"] != topic_id:
         raise ValueError(f"it says it is from {str(msg['id'])[:40]!r}")
@@ -67,6 +68,14 @@ def parse_state(payload: bytes, topic_id: str | None = None) -> Report:
         if type(x) not in (int, float) or not 0 <= x <= 1000 or not math.isfinite(float(x)):
             raise ValueError(f"bad {name} {str(x)[:40]}")
         return float(x)
+
+    def stored_amps(name):
+        # What a charger can store (DESIGN.md C3/S3): 0 or 6..80 A. These
+        # feed the member's worst case (S1), so nothing else is believed.
+        x = amps(name, False)
+        if x is not None and x != 0 and not 6 <= x <= 80:
+            raise ValueError(f"bad {name} {x:g} (0 or 6..80 A)")
+        return x
 
     def count(name):
         x = msg.get(name)
@@ -82,7 +91,7 @@ def parse_state(payload: bytes, topic_id: str | None = None) -> Report:
     relay = msg.get("relay")
     return Report(state=msg["state"], measured_a=amps("measured_a"), pilot_a=amps("pilot_a"),
                   ack_seq=count("ack_seq"), ack_epoch=count("ack_epoch"),
-                  offline_a=amps("offline_a", False), start_a=amps("start_a", False),
+                  offline_a=stored_amps("offline_a"), start_a=stored_amps("start_a"),
                   fault=fault, relay=relay if isinstance(relay, bool) else None,
                   session_wh=count("session_wh") or 0, lockout=msg.get("lockout") is True,
                   t_wd_s=count("t_wd_s"),
@@ -197,7 +206,8 @@ class Service:
         if group is None or not payload:
             return
         if kind == "online":
-            self.allocators[group].on_online(mid, payload == b"1")
+            if payload in (b"0", b"1"):      # anything else is no news (§4: "1" or "0")
+                self.allocators[group].on_online(mid, payload == b"1")
             return
         if kind != "state":
             return
@@ -282,7 +292,7 @@ def run(store: GroupStore, args) -> int:
     except secure.SetupError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    if args.username and not (args.tls or args.cafile):
+    if getattr(args, "username", None) and not (getattr(args, "tls", False) or getattr(args, "cafile", None)):
         print("warning: without --tls/--cafile the broker password crosses the network in the clear",
               file=sys.stderr)
     client.on_connect = svc.on_connect
