@@ -25,6 +25,15 @@ Faults, all changeable while connections are open:
     chunk is what one ``recv`` returned (at most 4 KB: one MQTT packet or a
     few, as the firmware sends with TCP_NODELAY).
 
+``max_keepalive`` (s, None = no rule)
+    A broker that refuses an MQTT 3.1.1 client asking for a longer keepalive:
+    the client's CONNECT is answered with CONNACK return code 2 ("identifier
+    rejected") and the connection closed (``refused`` records each one).
+    mosquitto 2.0.11 applies its ``max_keepalive`` to MQTT v5 clients only
+    (its mosquitto.conf(5)); the mosquitto.conf(5) of later releases says a
+    3.1.1 client asking for more is refused this way, so the suite plays
+    that rule here.
+
 ``publishes`` records every MQTT PUBLISH the proxy delivered, as
 ``(time.monotonic() s, direction, topic, payload bytes)``, ``direction``
 being ``"down"`` (broker to client) or ``"up"``; the time is when the last
@@ -82,6 +91,28 @@ class _MqttTap:
                 self.report(t, topic, body[2 + tlen + (2 if qos else 0):])
 
 
+def _connect_keepalive(buf: bytes | bytearray) -> int | None:
+    """The keepalive (s) of the MQTT CONNECT at the start of ``buf``, or None
+    while the packet is incomplete (-1: not a CONNECT)."""
+    if len(buf) < 2:
+        return None
+    if buf[0] >> 4 != 1:
+        return -1
+    i = 1
+    while buf[i] & 0x80:
+        i += 1
+        if i >= len(buf):
+            return None
+    i += 1
+    if len(buf) < i + 2:
+        return None
+    n = buf[i] << 8 | buf[i + 1]          # protocol name length ("MQTT": 4)
+    at = i + 2 + n + 2                     # + protocol level + connect flags
+    if len(buf) < at + 2:
+        return None
+    return buf[at] << 8 | buf[at + 1]
+
+
 class Proxy:
     """Listens on 127.0.0.1 (``port``, 0 = any free one) and forwards to
     ``upstream`` (host, port). Use as a context manager or call :meth:`close`.
@@ -97,6 +128,8 @@ class Proxy:
         self.rto_s: float | None = None
         self.publishes: list[tuple[float, str, str, bytes]] = []
         self.segments_lost = 0
+        self.max_keepalive: int | None = None
+        self.refused: list[tuple[float, int]] = []
         self.connections = 0
         self._rng = random.Random(seed)
         self._stop = False
@@ -179,7 +212,12 @@ class Proxy:
             self._close(src, dst)
 
         threading.Thread(target=sender, daemon=True).start()
-        src.settimeout(0.2)
+        try:
+            src.settimeout(0.2)
+        except OSError:                       # closed already (drop_connections, close)
+            state["done"] = True
+        # The client's CONNECT is held until complete when a keepalive rule is set.
+        gate = bytearray() if direction == "up" and self.max_keepalive is not None else None
         while not self._stop and not state["done"]:
             try:
                 data = src.recv(4096)
@@ -191,6 +229,20 @@ class Proxy:
                 break
             if self.blackhole:
                 continue                      # swallowed: the path is dead
+            if gate is not None:
+                gate += data
+                verdict = _connect_keepalive(gate)
+                if verdict is None:
+                    continue                  # the CONNECT is not complete yet
+                if self.max_keepalive is not None and verdict > self.max_keepalive:
+                    # CONNACK, return code 2 "identifier rejected", then close.
+                    self.refused.append((time.monotonic(), verdict))
+                    try:
+                        src.sendall(b"\x20\x02\x00\x02")
+                    except OSError:
+                        pass
+                    break
+                data, gate = bytes(gate), None
             now = time.monotonic()
             due = now + self.delay_s
             rto, lost = self.rto(), 0
