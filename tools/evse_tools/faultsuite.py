@@ -70,6 +70,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 
 from evse_tools import broker as brokers
+from evse_tools.bench import machine_info
 from evse_tools.charger_sim import REPO, SimCharger
 from evse_tools.netfault import Proxy
 from evse_tools.server.db import GroupStore
@@ -1018,6 +1019,10 @@ def main(argv: list[str] | None = None) -> int:
     print(table(results))
     s = summary(results, args.quick)
     s["wall_s"] = round(wall, 1)
+    s["machine"] = machine_info()
+    m = s["machine"]
+    print(f"machine: {m['cpu']}, {m['cpus']} CPUs, {m['os']}, Python {m['python']}; "
+          f"mosquitto at {brokers.mosquitto_path()}")
     print(f"\n{s['mode']} run, {wall:.0f} s; T_wd {T_WD_S} s, breaker {BREAKER_A} A, limit {LIMIT_A} A, "
           f"offline {OFFLINE_A} A; transient windows at most {TRANSIENT_S} s; "
           f"fallback deadline {FALLBACK_DEADLINE_S} s; session counters restarted by a reboot: "
