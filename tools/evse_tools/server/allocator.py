@@ -355,22 +355,26 @@ class Allocator:
         """S1: the most member ``m`` may draw at ``now``, A.
 
         A faulted member counts 0 only once it has reported its contactor
-        open and it cannot start again unasked (locked out, or its start
-        current lowered to 0, which the allocator asks of every faulted
-        member); until then its worst case as usual (issue 4, S1)."""
+        open and has stored start and offline currents of 0, which the
+        allocator asks of every faulted member: its fault may clear by itself
+        (a retry) or by a power cycle, and then it may draw only what the
+        server gives it. Until then it counts its start and offline currents
+        (the property test found a fault cleared with offline 8 A stored,
+        which put 24 A on a 20 A breaker)."""
+        off = _offline_possible(m)
         if self.silent(m, now):
-            return _offline_stored(m)
+            return off
         r = m.report
         if r is not None and r.fault:
             if r.relay is False:
-                return 0.0 if (r.lockout or _start_stored(m) == 0) else _start_stored(m)
-            return max(m.hold_a, _start_stored(m))
+                return max(_start_stored(m), off)
+            return max(m.hold_a, _start_stored(m), off)
         w = m.hold_a
         if m.report is None or m.report.state not in CONNECTED:
             w = max(w, _start_stored(m))
         # Its link may fail at any moment, and then T_wd later it runs on its
         # offline current while the others may still run on their setpoints.
-        return max(w, _offline_stored(m))
+        return max(w, off)
 
     def ledger_a(self, now: float) -> float:
         """Sum of the members' worst cases, A (S1: at most the breaker)."""
@@ -511,6 +515,11 @@ class Allocator:
         starts = self.start_currents(plan, now)
         offline = offline_currents(g.limit_a, [m for m in self.members.values() if m.removed_at is None],
                                    g.fair_offline, {i for i, (a, _w) in plan.items() if a > 0})
+        for i, (_a, why) in plan.items():
+            if why == FAULT:
+                # With start 0 it counts 0 once it has stored both. Its share
+                # stays unused, so nobody's offline current rises meanwhile.
+                offline[i] = 0.0
         waiting_restart = self.restarted and now - self.started_at <= g.t_wd_s + MARGIN_S and any(
             m.report is None or not m.online for m in self.members.values())
         if self.restarted and not waiting_restart:
@@ -543,7 +552,11 @@ class Allocator:
                 # nothing is sent, so that no lease is renewed blindly.
                 m.target_a, m.binding = 0.0, RESTART if self.restarted else OFFLINE
                 continue
-            if self._projected(m, target, start, why, now) > self.worst_a(m, now) + 1e-9:
+            # An increase: the worst case rises, or the present draw does (a
+            # member whose offline current already counts still draws more
+            # now, and the others' leases run on).
+            if (self._projected(m, target, start, why, now, off) > self.worst_a(m, now) + 1e-9
+                    or _effective(target, m) > m.hold_a + 1e-9):
                 increases.append(m)
                 continue
             m.target_a, m.binding = target, why
@@ -555,7 +568,7 @@ class Allocator:
                 self._hold(m, off, start, RESTART, now, cmds)
                 continue
             before = self.worst_a(m, now)
-            after = self._projected(m, target, start, why, now)
+            after = self._projected(m, target, start, why, now, off)
             if self.ledger_a(now) - before + after <= g.breaker_a + 1e-9:
                 m.target_a, m.binding = target, why
                 self._maybe_send(m, target, off, start, now, cmds)
@@ -563,9 +576,12 @@ class Allocator:
                 self._hold(m, off, start, BREAKER_TRANSIENT, now, cmds)
         return cmds
 
-    def _projected(self, m: Member, target: float, start: float, why: str, now: float) -> float:
-        """Member ``m``'s worst case once ``target`` (and, if idle, ``start``) is sent."""
-        w = max(self.worst_a(m, now), _effective(target, m))
+    def _projected(self, m: Member, target: float, start: float, why: str, now: float,
+                   off: float = 0.0) -> float:
+        """Member ``m``'s worst case once ``target`` (and, if idle, ``start``)
+        and the offline current ``off`` are sent: an offline current counts in
+        the ledger like a setpoint, so raising it needs room too."""
+        w = max(self.worst_a(m, now), _effective(target, m), off)
         if why == IDLE:
             w = max(w, start)
         return w
@@ -649,6 +665,15 @@ def _offline_stored(m: Member) -> float:
 
 def _start_stored(m: Member) -> float:
     return m.start_a
+
+
+def _offline_possible(m: Member) -> float:
+    """The offline current member ``m`` may have stored: what it last
+    reported, or any value sent since that it has not acknowledged (its
+    reports may be lost while it still receives; the property test found a
+    silent member counted at the 0 A it reported, while it had stored the
+    8 A sent after), A."""
+    return max(_offline_stored(m), _offline_in_flight(m))
 
 
 def _offline_in_flight(m: Member) -> float:
