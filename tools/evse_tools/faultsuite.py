@@ -913,7 +913,7 @@ def scenario_max_keepalive(workdir: Path, quick: bool) -> Result:
         res.extra["refused_connects"] = refused
         res.findings.append(f"{IDS[2]} (keepalive_s 120, allowed by the settings' 5-600 s) is locked out "
                             f"by a broker with max_keepalive 60: {refused[IDS[2]]} refused connects, "
-                            f"never a setpoint; it charges on its offline current only")
+                            f"never a setpoint; it never offers more than its offline current")
 
     return _run("max-keepalive-60", "mosquitto max_keepalive 60; keepalives 30/60/120 s", workdir,
                 body, "max_keepalive 60\n", settings=settings, max_keepalive=60)
