@@ -317,7 +317,6 @@ def check(g: FaultGroup, res: Result) -> Result:
             if "limit_by" not in c:
                 continue
             res.charger_checks += 1
-            exp = g.provisioned(cid)
             for key in ("offline_a", "start_a", "t_wd_s"):
                 # Pushed values take a moment to be applied: the value before
                 # a push is accepted for 1 s after it.
@@ -325,17 +324,16 @@ def check(g: FaultGroup, res: Result) -> Result:
                 if c.get(key) not in want:
                     res.settings_lost += 1
                     res.problems.append(f"{s.t:.1f} s: {cid} {key} {c.get(key)} (expected "
-                                        f"{' or '.join(map(str, sorted(want)))})")
+                                        f"{' or '.join(sorted(map(str, want)))})")
             boot = max((b for b in g.boots[cid] if b <= s.t), default=0.0)
             last = max((t for t in delivered[cid] if t <= s.t), default=None)
             ref = boot if last is None or last < boot else last
-            off = c["limit_by"] not in ("setpoint", "unit", "start")
             if s.t - ref > FALLBACK_DEADLINE_S and (c["limit_by"] in ("setpoint", "unit")
                                                     or c.get("pilot_a", 0) > c.get("offline_a", 0)):
                 res.missed_fallbacks += 1
                 res.problems.append(f"{s.t:.1f} s: {cid} still {c.get('pilot_a')} A by "
                                     f"{c['limit_by']}, {s.t - ref:.1f} s after its last setpoint")
-            if off and c["limit_by"] == "offline" and not prev_off.get(cid, False) and last is not None \
+            if c["limit_by"] == "offline" and not prev_off.get(cid, False) and last is not None \
                     and last >= boot:
                 res.fallbacks.append(round(s.t - last, 2))
             prev_off[cid] = c["limit_by"] == "offline"
@@ -419,7 +417,7 @@ def _check_energy(g: FaultGroup, res: Result) -> None:
     rec = g.rec
     # The charger's own report, per charger: within one boot (uptime_s does
     # not fall) and one session (no state A between), session_wh never falls.
-    last: dict[str, tuple[int, int, str]] = {}
+    last: dict[str, tuple[int, int, str | None]] = {}
     for t, cid, b in rec.states:
         if cid not in g.chargers or not isinstance(b.get("session_wh"), int):
             continue
