@@ -34,6 +34,14 @@ import time
 import _thread
 
 _INBOX_MAX = 8
+_IO_TIMEOUT_MS = 15000
+"""Longest wait of one socket call, ms: the CONNACK, SUBACK and PUBACK waits
+included. The fault suite measured 3 s to be too short for a lossy WiFi path
+with 2 s latency (no connection got through); only the link thread waits."""
+_KEEPALIVE_REFUSED_MAX_S = 60
+"""Keepalive tried after a broker refused the connection as "identifier
+rejected", s: mosquitto answers so to an MQTT 3.1.1 client asking for more
+than its ``max_keepalive``. Each further refusal halves it, down to 10 s."""
 _BACKOFF_MIN_MS = 1000
 _BACKOFF_MAX_MS = 60000
 
@@ -235,7 +243,7 @@ class MqttLink:
     """
 
     def __init__(self, client_id, host, port, topics, keepalive_s=30, user=None,
-                 password=None, io_timeout_ms=3000, network_ready=None, tls_wrap=None,
+                 password=None, io_timeout_ms=_IO_TIMEOUT_MS, network_ready=None, tls_wrap=None,
                  clock=time, client_factory=None):
         self.client_factory = client_factory or umqtt_factory(self)
         self.client_id = client_id
@@ -304,6 +312,7 @@ class MqttLink:
             "last_error": self.last_error,
             "last_connack": self.last_connack,
             "last_connect_ms": self.last_connect_ms,
+            "keepalive_s": self.keepalive_s,
             "pingresp_age_ms": self.clock.ticks_diff(now, self._pingresp_at) if self._pings_seen else None,
             "retained_dropped": self.retained_dropped,
             "inbox_dropped": self.inbox_dropped,
@@ -338,8 +347,16 @@ class MqttLink:
             c.connect()
             self.last_connack = 0
         except Exception as exc:
-            if exc.args and type(exc.args[0]) is int and 0 < exc.args[0] < 6:
-                self.last_connack = exc.args[0]   # MQTTException(code): refused
+            # umqtt.simple's MQTTException(code) is a refused CONNACK; an
+            # OSError's errno must not be read as one.
+            if type(exc).__name__ == "MQTTException" and exc.args \
+                    and type(exc.args[0]) is int and 0 < exc.args[0] < 6:
+                self.last_connack = exc.args[0]
+                if exc.args[0] == 2 and self.keepalive_s > 10:
+                    # Perhaps the broker's max_keepalive: ask for less next time
+                    # rather than stay locked out (mosquitto.conf(5)).
+                    self.keepalive_s = (_KEEPALIVE_REFUSED_MAX_S if self.keepalive_s > _KEEPALIVE_REFUSED_MAX_S
+                                        else max(10, self.keepalive_s // 2))
             raise
         c.subscribe(self.topics["set"], 1)
         c.subscribe(self.topics["cmd"], 1)

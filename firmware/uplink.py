@@ -112,8 +112,8 @@ class Uplink:
         if now == self._link_seen:
             return
         if now[0] and not self._link_seen[0]:
-            self.charger.log("mqtt connected (%s ms to connect and subscribe)"
-                             % link.last_connect_ms)
+            self.charger.log("mqtt connected (%s ms to connect and subscribe, keepalive %d s)"
+                             % (link.last_connect_ms, link.keepalive_s))
         elif not now[0] and now[1] is not None and (self._link_seen[0] or now[1] != self._link_seen[1]):
             self.charger.log("mqtt link down: %s" % now[1])
         self._link_seen = now

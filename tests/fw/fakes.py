@@ -119,3 +119,26 @@ class CutFs:
             if p.startswith(path + "/"):
                 names.add(p[len(path) + 1:].split("/")[0])
         return sorted(names)
+
+
+class FakeLink:
+    """What :class:`firmware.uplink.Uplink` sees of the MQTT link: received
+    ``(kind, payload)`` waiting in ``inbox``, state payloads offered in
+    ``sent``, and the status fields it logs."""
+
+    def __init__(self):
+        self.inbox = []
+        self.sent = []
+        self.connected = True
+        self.last_error = None
+        self.last_connect_ms = None
+        self.keepalive_s = 30
+
+    def take(self):
+        got = self.inbox
+        self.inbox = []
+        return got
+
+    def offer_state(self, payload):
+        self.sent.append(payload)
+        return True

@@ -15,7 +15,7 @@ file on flash.
 import json
 from binascii import a2b_base64
 
-from fakes import CutFs, FakeClock
+from fakes import CutFs, FakeClock, FakeLink
 from harness import make_store
 
 from firmware import app, faults, ota_verify, otaboot, settings, setpoint
@@ -45,26 +45,6 @@ def payload(case):
     return case["text"].encode()
 
 
-class _Link:
-    """What the MQTT link hands the Uplink: queued ``(kind, payload)``."""
-
-    def __init__(self):
-        self.inbox = []
-        self.sent = []
-        self.connected = True
-        self.last_error = None
-        self.last_connect_ms = None
-
-    def take(self):
-        got = self.inbox
-        self.inbox = []
-        return got
-
-    def offer_state(self, data):
-        self.sent.append(data)
-        return True
-
-
 class Rig:
     """A charger on a simulated board with an injected clock (5 s before the
     tick wrap), its Uplink, a real OTA Updater that never downloads, and an
@@ -77,7 +57,7 @@ class Rig:
         self.fs = CutFs(files)
         self.store = make_store(PRESET, self.fs)
         self.charger = app.Charger(self.board, self.clock, self.store)
-        self.link = _Link()
+        self.link = FakeLink()
         self.reboots = []
         self.updater = Updater("", FW, self.fs)
         self.updater._run = lambda req: None      # no download thread work

@@ -93,3 +93,73 @@ def test_unreadable_mqtt_tls_flag_never_means_plain_mqtt():
     up = start.link_up(cfg, sec, ch, "no-such-dir")
     assert up.link is None
     assert "not sending the broker password in the clear" in ch.lines[-1]
+
+
+class MQTTException(Exception):
+    """Named as umqtt.simple's, which the link recognises by name."""
+
+
+class _RefusingClient:
+    """A umqtt-like client whose broker refuses every CONNECT with ``code``."""
+
+    def __init__(self, code, asked):
+        self.code = code
+        self.asked = asked
+
+    def set_callback(self, cb):
+        pass
+
+    def set_last_will(self, *args):
+        pass
+
+    def connect(self):
+        raise MQTTException(self.code)
+
+
+def _refusing_link(code, keepalive_s):
+    asked = []
+
+    def factory(client_id, host, port, user, password, keepalive):
+        asked.append(keepalive)
+        return _RefusingClient(code, asked)
+
+    topics = {"set": b"evse/b/set", "cmd": b"evse/b/cmd", "state": b"evse/b/state",
+              "online": b"evse/b/online"}
+    clock = FakeClock()
+    link = mqtt_link.MqttLink("b", "broker", 1883, topics, keepalive_s, clock=clock,
+                              client_factory=factory)
+    return link, clock, asked
+
+
+def test_broker_refusing_a_long_keepalive_does_not_lock_the_charger_out():
+    """mosquitto refuses an MQTT 3.1.1 client asking for more than its
+    max_keepalive with "identifier rejected" (2): ask for less next time."""
+    link, clock, asked = _refusing_link(2, 600)
+    for _ in range(6):
+        link.step()
+        clock.advance(61000)      # past any backoff
+    assert asked == [600, 60, 30, 15, 10, 10]
+    assert link.last_connack == 2 and not link.connected
+
+
+def test_other_refusals_keep_the_keepalive():
+    link, clock, asked = _refusing_link(5, 120)     # 5: not authorized
+    for _ in range(3):
+        link.step()
+        clock.advance(61000)
+    assert asked == [120, 120, 120]
+
+
+def test_socket_error_numbers_are_not_taken_for_a_refusal():
+    link, clock, asked = _refusing_link(2, 600)
+    link.client_factory = lambda *a: _OsErrorClient()
+    link.step()
+    assert link.last_connack is None and link.keepalive_s == 600
+
+
+class _OsErrorClient(_RefusingClient):
+    def __init__(self):
+        pass
+
+    def connect(self):
+        raise OSError(2)      # ENOENT, not CONNACK 2

@@ -1,7 +1,7 @@
 """Safety supervision (C9): GFCI, relay weld and ground, temperature, EV
 over-current, diode, hardware watchdog and the fault log. Values from
 DESIGN.md §3 C9 and issue 4."""
-from fakes import CutFs
+from fakes import CutFs, FakeLink
 from harness import ev, make_charger, run_ms, setpoint
 
 from firmware import app, faults, pilot, settings
@@ -207,25 +207,10 @@ def test_corrupt_fault_log_starts_empty_and_never_stops_the_charger():
         assert log.recent() == []
 
 
-class _Link:
-    def __init__(self):
-        self.sent = []
-        self.connected = True
-        self.last_error = None
-        self.last_connect_ms = None
-
-    def take(self):
-        return []
-
-    def offer_state(self, payload):
-        self.sent.append(payload)
-        return True
-
-
 def test_fault_is_reported_with_limit_by_fault_in_the_state_message():
     import json
     c, board, clock, car = charging_at()
-    link = _Link()
+    link = FakeLink()
     up = Uplink(c, link, "test")
     board.gfci = True
     run_ms(c, clock, 20)
@@ -296,7 +281,7 @@ def test_pilot_fault_is_logged_and_retried_like_the_others():
 def test_reboot_command_waits_until_no_car_is_charging():
     c, board, clock, car = charging_at()
     reboots = []
-    up = Uplink(c, _Link(), "test", reboot=lambda: reboots.append(1))
+    up = Uplink(c, FakeLink(), "test", reboot=lambda: reboots.append(1))
     up.command(b'{"v": 1, "cmd": "reboot"}')
     for _ in range(100):
         up.poll()
