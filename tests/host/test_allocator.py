@@ -152,3 +152,36 @@ def test_a_round_of_setpoints_is_recorded_in_one_go_and_a_removed_member_is_skip
         m = {x.id: x for x in store.get_group("g").members}
         assert (m["a"].last_setpoint_a, m["a"].last_seq, m["a"].last_epoch) == (20.0, 7, 3)
         assert (m["b"].offline_a, m["b"].start_a) == (6.0, 0.0)
+
+
+def test_member_gone_quiet_keeps_its_setpoint_in_the_budget_until_it_is_silent():
+    """Found by the fault suite (30 % loss): a member whose reports stopped is
+    sent nothing (its lease is not renewed blindly), so its last setpoint
+    stays in force until T_wd; planning it a smaller share let the others be
+    raised above the group limit."""
+    a = Allocator(GARAGE, [Member(i, 40) for i in ("a", "b", "c")], 1, 0.0, restarted=False)
+    cur = {}
+
+    def round_(t, who, state):
+        for i in who:
+            last = a.members[i].last_sent()
+            amps = last.current_a if last else 8.0
+            on = state[i] == "C"
+            a.on_report(i, report(state[i], pilot=amps, measured=amps if on else 0.0,
+                                  ack=last.seq if last else None), t)
+        for c in a.step(t + 0.1):
+            cur[c.member] = c.current_a
+
+    for t in range(30):                     # b and c charge at 20/20, a is idle
+        round_(float(t), "abc", {"a": "A", "b": "C", "c": "C"})
+    assert (cur["b"], cur["c"]) == (20.0, 20.0)
+    # c goes quiet with 20 A in force; once it is stale (nothing more is sent
+    # to it, STALE_S) but not yet silent, a car arrives at a.
+    for t in range(30, 42):
+        round_(float(t), "ab", {"a": "A", "b": "C"})
+    sent_to_c = len(a.members["c"].sent)
+    for t in range(42, 48):
+        round_(float(t), "ab", {"a": "C", "b": "C"})
+    assert len(a.members["c"].sent) == sent_to_c and cur["c"] == 20.0   # nothing new reached c
+    assert not a.silent(a.members["c"], 48.0) and a.members["c"].binding == "offline"
+    assert cur["a"] + cur["b"] + cur["c"] <= 40, cur

@@ -736,8 +736,9 @@ def scenario_lossy_link(workdir: Path, quick: bool) -> Result:
                     f"30 % loss, {label} round trip: the chargers were on a setpoint "
                     f"{res.extra[f'{key}_on_setpoint_share']:.0%} of the time "
                     f"({res.extra[f'{key}_connects']} connections, {res.extra[f'{key}_sets_delivered']} "
-                    f"setpoints through); the link bounds every socket call, the CONNACK and SUBACK "
-                    f"waits included, at 3 s; safe (offline current) but no load sharing")
+                    f"setpoints through), the rest on their offline current: safe, but less load "
+                    f"sharing (a retransmitted segment comes 4-8 s late against a 10 s lease; not "
+                    f"analysed further)")
 
     return _run("loss-30pct-2s", f"30 % segment loss + 2 s latency for {span} s", workdir, body)
 
@@ -878,8 +879,8 @@ def scenario_max_keepalive(workdir: Path, quick: bool) -> Result:
     that asks for more with CONNACK "identifier rejected", which each
     charger's proxy plays (``Proxy.max_keepalive``). The two chargers within
     the limit must connect, stay on their setpoints and come back after a
-    broker SIGKILL; the refused one must stay safe on its offline current
-    (never above it), and is reported as locked out."""
+    broker SIGKILL. The refused one must ask again with at most 60 s (the
+    firmware's answer to that refusal) and join the group: never locked out."""
     span = 35 if quick else 200
     keep = {IDS[0]: 30, IDS[1]: 60, IDS[2]: 120}
     settings = {cid: {"keepalive_s": k} for cid, k in keep.items()}
@@ -887,31 +888,25 @@ def scenario_max_keepalive(workdir: Path, quick: bool) -> Result:
 
     def body(g, broker, res):
         _plug_all(g)
-        took = _until(g, lambda: all(g.on_setpoint(c) for c in within), 30)
-        res.check("the chargers within max_keepalive are on a setpoint", took is not None,
-                  f"{ {c: g.latest[c].get('limit_by') for c in IDS} }")
+        took = _until(g, lambda: all(g.on_setpoint(c) for c in IDS), 30)
+        res.check("every charger is on a setpoint, the refused one after asking for less",
+                  took is not None, f"{ {c: g.latest[c].get('limit_by') for c in IDS} }")
+        res.extra["refused_one_on_setpoint_s"] = round(took, 1) if took is not None else None
         g.settle(span)
         fell = {c for s in g.rec.samples for c, v in s.chargers.items()
                 if c in within and v.get("limit_by") == "offline"}
-        res.check("none of them fell back with the broker up", not fell, f"{sorted(fell)}")
+        res.check("none of the chargers within the limit fell back with the broker up", not fell,
+                  f"{sorted(fell)}")
         g.fault("broker killed (SIGKILL) and restarted at once")
         broker.kill()
         broker.start()
-        took = _until(g, lambda: all(g.on_setpoint(c) for c in within), 60)
-        res.check("they are back on a setpoint after the restart", took is not None)
+        took = _until(g, lambda: all(g.on_setpoint(c) for c in IDS), 60)
+        res.check("all are back on a setpoint after the restart", took is not None)
         g.settle(5)
-        locked = [c for c in IDS if c not in within]
-        over = [(s.t, c, s.chargers[c].get("pilot_a")) for s in g.rec.samples for c in locked
-                if s.chargers[c].get("limit_by") in ("setpoint", "unit")
-                or s.chargers[c].get("pilot_a", 0) > OFFLINE_A]
-        res.check("the refused charger never offers more than its offline current", not over, f"{over[:3]}")
         refused = {c: len(g.proxies[c].refused) for c in IDS}
-        res.check("the broker refused only the charger asking for 120 s",
-                  refused[IDS[2]] > 0 and refused[IDS[0]] == refused[IDS[1]] == 0, f"{refused}")
+        res.check("the broker refused only the charger asking for 120 s, and only once",
+                  refused[IDS[2]] == 1 and refused[IDS[0]] == refused[IDS[1]] == 0, f"{refused}")
         res.extra["refused_connects"] = refused
-        res.findings.append(f"{IDS[2]} (keepalive_s 120, allowed by the settings' 5-600 s) is locked out "
-                            f"by a broker with max_keepalive 60: {refused[IDS[2]]} refused connects, "
-                            f"never a setpoint; it never offers more than its offline current")
 
     return _run("max-keepalive-60", "mosquitto max_keepalive 60; keepalives 30/60/120 s", workdir,
                 body, "max_keepalive 60\n", settings=settings, max_keepalive=60)
