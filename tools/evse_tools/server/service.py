@@ -297,6 +297,18 @@ def run(store: GroupStore, args) -> int:
               file=sys.stderr)
     client.on_connect = svc.on_connect
     client.on_message = svc.on_message
+    # Say why the broker cannot be reached (a TLS certificate refused, a
+    # wrong port), once per change: paho retries quietly otherwise.
+    seen = []
+
+    def say(text):
+        if seen[-1:] != [text]:
+            seen.append(text)
+            svc.out(text)
+
+    client.on_connect_fail = lambda c, u: say("cannot reach the broker at %s:%d (retrying)"
+                                              % args.broker)
+    client.on_disconnect = lambda c, u, f, rc, p=None: say(f"disconnected from the broker: {rc}")
     client.reconnect_delay_set(1, 30)
     host, port = args.broker
     stop = []
