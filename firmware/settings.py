@@ -100,7 +100,9 @@ class Store:
 
     ``schema`` maps a name to ``(default, validator)``. After construction,
     ``values`` holds every key of the schema; ``problems`` lists what was wrong
-    with the file (empty when it loaded cleanly). Nothing raises on a bad file.
+    with the file (empty when it loaded cleanly), ``rejected`` the names whose
+    stored value was refused (their default is in force). Nothing raises on a
+    bad file.
     """
 
     def __init__(self, path, schema, fs=store.FS):
@@ -108,6 +110,7 @@ class Store:
         self.schema = schema
         self.fs = fs
         self.problems = []
+        self.rejected = set()
         self.unsaved = False
         self.values = self._load()
 
@@ -132,6 +135,7 @@ class Store:
                     values[name] = self.schema[name][1](data[name], name)
                 except ValueError as exc:
                     self.problems.append("%s: %s; default %r in force" % (self.path, exc, values[name]))
+                    self.rejected.add(name)
         return values
 
     def __getitem__(self, name):

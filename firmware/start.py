@@ -33,14 +33,6 @@ def topics(cfg):
             "state": (base + "state").encode(), "online": (base + "online").encode()}
 
 
-def _has_problem(store, name):
-    """True when the settings file had a bad value for ``name`` (its default is in force)."""
-    for p in store.problems:
-        if (": %s" % name) in p:
-            return True
-    return False
-
-
 def link_up(cfg, secrets, charger, root, reboot=None, network_ready=None):
     """Start the MQTT link thread and return the :class:`firmware.uplink.Uplink`
     that the control loop polls, or None when no broker is configured."""
@@ -64,7 +56,7 @@ def link_up(cfg, secrets, charger, root, reboot=None, network_ready=None):
                         "running without a server" % exc)
             return Uplink(charger, None, FW, reboot, updater, health)
         tls_wrap = mqtt_link.tls_wrapper(cas, cfg["mqtt_host"])
-    elif secrets["ca_cert"] or _has_problem(cfg, "mqtt_tls"):
+    elif secrets["ca_cert"] or "mqtt_tls" in cfg.rejected:
         # A CA was provisioned, or mqtt_tls is unreadable: TLS was meant. Plain
         # MQTT would hand the broker password to anyone on the network.
         charger.log("a CA is provisioned or mqtt_tls is unreadable, but TLS is off: not sending "

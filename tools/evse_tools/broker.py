@@ -433,6 +433,31 @@ def _conf_has(extra_conf: str, option: str) -> bool:
     return any(line.split()[:1] == [option] for line in extra_conf.splitlines())
 
 
+def _harness_lines(workdir: Path, conf: str) -> list[str]:
+    """Global options the harness needs, each left out when ``conf`` sets it:
+    ``persistence false`` (or a ``persistence_location`` in ``workdir``), a
+    log file ``workdir/mosquitto.log`` with connection messages, and, as
+    root, ``user`` (the current one)."""
+    lines = []
+    if not _conf_has(conf, "persistence"):
+        lines += ["persistence false"]
+    elif not _conf_has(conf, "persistence_location"):
+        lines += [f"persistence_location {workdir}/"]
+    if not _conf_has(conf, "log_dest"):
+        lines += [f"log_dest file {workdir / 'mosquitto.log'}"]
+    if not _conf_has(conf, "log_type"):
+        lines += ["log_type error", "log_type warning", "log_type notice", "log_type information"]
+    if not _conf_has(conf, "connection_messages"):
+        lines += ["connection_messages true"]
+    if not _conf_has(conf, "log_timestamp_format"):
+        lines += ["log_timestamp_format %Y-%m-%dT%H:%M:%S"]
+    if os.geteuid() == 0 and not _conf_has(conf, "user"):
+        # As root, mosquitto drops to the user "mosquitto", which cannot
+        # write a private temporary workdir. Stay the current user.
+        lines += [f"user {getpass.getuser()}"]
+    return lines
+
+
 def mosquitto_conf(port: int, workdir: Path, extra_conf: str = "") -> str:
     """The mosquitto config used by :func:`start_mosquitto`: a listener on
     127.0.0.1:``port``, then ``allow_anonymous true``, ``persistence false``
@@ -450,22 +475,7 @@ def mosquitto_conf(port: int, workdir: Path, extra_conf: str = "") -> str:
     lines += [f"listener {port} {LOCALHOST}"]
     if not _conf_has(extra_conf, "allow_anonymous"):
         lines += ["allow_anonymous true"]
-    if not _conf_has(extra_conf, "persistence"):
-        lines += ["persistence false"]
-    elif not _conf_has(extra_conf, "persistence_location"):
-        lines += [f"persistence_location {workdir}/"]
-    if not _conf_has(extra_conf, "log_dest"):
-        lines += [f"log_dest file {workdir / 'mosquitto.log'}"]
-    if not _conf_has(extra_conf, "log_type"):
-        lines += ["log_type error", "log_type warning", "log_type notice", "log_type information"]
-    if not _conf_has(extra_conf, "connection_messages"):
-        lines += ["connection_messages true"]
-    if not _conf_has(extra_conf, "log_timestamp_format"):
-        lines += ["log_timestamp_format %Y-%m-%dT%H:%M:%S"]
-    if os.geteuid() == 0 and not _conf_has(extra_conf, "user"):
-        # As root, mosquitto drops to the user "mosquitto", which cannot
-        # write a private temporary workdir. Stay the current user.
-        lines += [f"user {getpass.getuser()}"]
+    lines += _harness_lines(workdir, extra_conf)
     lines += body
     return "\n".join(lines) + "\n"
 
@@ -505,9 +515,9 @@ def start_mosquitto_conf(conf_for_port, port: int | None = None,
                          timeout: float = READY_TIMEOUT_S) -> Broker:
     """Start mosquitto on exactly the listeners of ``conf_for_port(port)`` (a
     config text for that port, e.g. ``evse-server broker-setup``'s) and wait
-    until ``port`` accepts TCP. Only a log file, ``persistence false`` and,
-    as root, ``user`` are added, as global options after it: no listener of
-    the harness's own. Otherwise as :func:`start_mosquitto`."""
+    until ``port`` accepts TCP. Only :func:`_harness_lines` are added, as
+    global options after it: no listener of the harness's own. Otherwise as
+    :func:`start_mosquitto`."""
     exe = mosquitto_path()
     if exe is None:
         raise BrokerError("mosquitto is not installed (not on PATH and no /usr/sbin/mosquitto); "
@@ -515,13 +525,9 @@ def start_mosquitto_conf(conf_for_port, port: int | None = None,
     wd, owned = _workdir(workdir, "evse-mosquitto-")
 
     def make(p: int) -> Broker:
-        head = ["persistence false", f"log_dest file {wd / 'mosquitto.log'}",
-                "log_type error", "log_type warning", "log_type notice", "log_type information",
-                "connection_messages true", "log_timestamp_format %Y-%m-%dT%H:%M:%S"]
-        if os.geteuid() == 0:
-            head.append(f"user {getpass.getuser()}")
+        text = conf_for_port(p)
         conf = wd / "mosquitto.conf"
-        conf.write_text(conf_for_port(p) + "\n".join(head) + "\n")
+        conf.write_text(text + "\n".join(_harness_lines(wd, text)) + "\n")
         return Broker(LOCALHOST, p, kind="mosquitto", argv=[exe, "-c", str(conf)],
                       workdir=wd, log_path=wd / "mosquitto.log")
 

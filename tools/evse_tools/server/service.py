@@ -299,11 +299,11 @@ def run(store: GroupStore, args) -> int:
     client.on_message = svc.on_message
     # Say why the broker cannot be reached (a TLS certificate refused, a
     # wrong port), once per change: paho retries quietly otherwise.
-    seen = []
+    said = [None]
 
     def say(text):
-        if seen[-1:] != [text]:
-            seen.append(text)
+        if said[0] != text:
+            said[0] = text
             svc.out(text)
 
     client.on_connect_fail = lambda c, u: say("cannot reach the broker at %s:%d (retrying)"
