@@ -111,7 +111,8 @@ def test_state_message_never_crashes_the_server_and_a_refused_one_changes_nothin
             m = svc.allocators["g"].members[member]
             assert m.reported_at == 2.0
             _sane(m.report)
-            assert math.isfinite(m.hold_a) and m.hold_a >= 0
+            w = svc.allocators["g"].worst_a(m, 2.0)
+            assert math.isfinite(w) and w >= 0
             other = "bay-2" if member == "bay-1" else "bay-1"
             assert after[0][other] == before[0][other]
     finally:

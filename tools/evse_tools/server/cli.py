@@ -15,6 +15,7 @@ the current directory. Refused operations print ``error: ...`` on stderr and exi
 with status 1; malformed arguments exit with argparse's status 2.
 """
 import argparse
+import math
 import os
 import sqlite3
 import sys
@@ -42,6 +43,19 @@ def _broker(text):
     return host, int(port)
 
 
+def _limit_arg(text):
+    """A group limit from the command line: a number of amperes. Whole
+    numbers become int; any other number goes to the store as it is, which
+    explains why it is refused (0.1..5.9 A: below the 6 A minimum)."""
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not a number of amperes" % text) from None
+    if not math.isfinite(x):
+        raise argparse.ArgumentTypeError("%r is not a number of amperes" % text)
+    return int(x) if x == int(x) else x
+
+
 def build_parser():
     p = _Parser(prog="evse-server", description="Load-group server for load-sharing EV chargers.")
     p.add_argument("--db", default=os.environ.get("EVSE_SERVER_DB") or DEFAULT_DB,
@@ -54,9 +68,9 @@ def build_parser():
     c = g.add_parser("create", help="create a group; the limit defaults to the seed chart")
     c.add_argument("name")
     c.add_argument("--breaker", type=int, required=True, metavar="A", help="breaker rating, A")
-    c.add_argument("--limit", type=int, metavar="A",
+    c.add_argument("--limit", type=_limit_arg, metavar="A",
                    help="group limit, A (default: 20->16, 30->24, 40->32, 50->40, 100->75, "
-                        "else 80 %% of the breaker)")
+                        "else 80 %% of the breaker; 0 pauses every member)")
     c.add_argument("--fair-offline", action="store_true",
                    help="offline current floor(limit / members) instead of 8 A")
     c.add_argument("--t-wd", type=int, default=30, metavar="S",
@@ -68,10 +82,12 @@ def build_parser():
     b = g.add_parser("set-breaker", help="change the breaker; the limit follows the chart")
     b.add_argument("name")
     b.add_argument("breaker", type=int, metavar="A")
-    b.add_argument("--limit", type=int, metavar="A", help="group limit, A (default: chart)")
-    lim = g.add_parser("set-limit", help="change the group limit (at most 80 %% of the breaker)")
+    b.add_argument("--limit", type=_limit_arg, metavar="A",
+                   help="group limit, A (default: chart; 0 pauses every member)")
+    lim = g.add_parser("set-limit", help="change the group limit (at most 80 %% of the breaker; "
+                                         "0 pauses every member)")
     lim.add_argument("name")
-    lim.add_argument("limit", type=int, metavar="A")
+    lim.add_argument("limit", type=_limit_arg, metavar="A")
     f = g.add_parser("set-fair-offline", help="turn the fair offline fallback on or off")
     f.add_argument("name")
     f.add_argument("state", choices=("on", "off"))
@@ -145,7 +161,8 @@ def _show_list(store, out):
         return
     rows = [("NAME", "BREAKER", "LIMIT", "MEMBERS", "OFFLINE", "T_WD")]
     for gr in groups:
-        rows.append((gr.name, "%d A" % gr.breaker_a, "%d A" % gr.limit_a, str(len(gr.members)),
+        rows.append((gr.name, "%d A" % gr.breaker_a,
+                     "0 A (paused)" if gr.limit_a == 0 else "%d A" % gr.limit_a, str(len(gr.members)),
                      "fair" if gr.fair_offline else "8 A", "%d s" % gr.t_wd_s))
     _table(rows, out)
 
@@ -153,8 +170,12 @@ def _show_list(store, out):
 def _show_group(gr, out):
     out.write("group %s\n" % gr.name)
     out.write("  breaker   %d A\n" % gr.breaker_a)
-    out.write("  limit     %d A (max %d A: 80 %% of the breaker, NEC 625.41)\n"
-              % (gr.limit_a, max_limit(gr.breaker_a)))
+    if gr.limit_a == 0:
+        out.write("  limit     0 A: PAUSED, no member charges, offline and start currents 0 "
+                  "(max %d A: 80 %% of the breaker, NEC 625.41)\n" % max_limit(gr.breaker_a))
+    else:
+        out.write("  limit     %d A (max %d A: 80 %% of the breaker, NEC 625.41)\n"
+                  % (gr.limit_a, max_limit(gr.breaker_a)))
     out.write("  offline   %s\n" % ("fair: floor(limit / members), capped at the unit rating"
                                     if gr.fair_offline else "8 A per member (seed default)"))
     out.write("  watchdog  %d s\n" % gr.t_wd_s)
@@ -266,7 +287,8 @@ def _dispatch(args, store, out):
         out.write("group %s: breaker %d A, limit %d A\n" % (gr.name, gr.breaker_a, gr.limit_a))
     elif act == "set-limit":
         gr = store.set_limit(args.name, args.limit)
-        out.write("group %s: limit %d A\n" % (gr.name, gr.limit_a))
+        out.write("group %s: limit %d A%s\n" % (gr.name, gr.limit_a, ": every member paused"
+                                                  if gr.limit_a == 0 else ""))
     elif act == "set-fair-offline":
         gr = store.set_fair_offline(args.name, args.state == "on")
         out.write("group %s: fair offline %s\n" % (gr.name, "on" if gr.fair_offline else "off"))

@@ -8,7 +8,7 @@ database unchanged.
 Rules enforced here (DESIGN.md §1, §3, §4):
 
 * group limit = 80 % of the breaker at most (NEC 625.41, the 125 % continuous-load
-  rule), and at least the 6 A J1772 minimum current;
+  rule), and at least the 6 A J1772 minimum current, or 0: every member paused;
 * group names and charger ids follow the wire contract's id rule ``[a-z0-9-]{1,32}``;
 * a charger belongs to exactly one group;
 * offline and start currents are 0 or 6 A..unit rating (S3, S4: never 0 < x < 6);
@@ -34,17 +34,19 @@ BREAKER_RANGE_A = (6, 400)
 T_WD_RANGE_S = (10, 600)
 _ID_RE = re.compile(r"[a-z0-9-]{1,32}")
 
-SCHEMA_VERSION = 1
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS groups (
+SCHEMA_VERSION = 2
+"""1: the first; 2: a group limit of 0 (everyone paused) is allowed."""
+_GROUPS = """
+CREATE TABLE IF NOT EXISTS %s (
     name         TEXT PRIMARY KEY,
     breaker_a    INTEGER NOT NULL,
-    limit_a      INTEGER NOT NULL CHECK (limit_a >= 6 AND limit_a * 5 <= breaker_a * 4),
+    limit_a      INTEGER NOT NULL CHECK ((limit_a = 0 OR limit_a >= 6) AND limit_a * 5 <= breaker_a * 4),
     fair_offline INTEGER NOT NULL DEFAULT 0 CHECK (fair_offline IN (0, 1)),
     t_wd_s       INTEGER NOT NULL DEFAULT 30,
     created      REAL NOT NULL,
     updated      REAL NOT NULL
-);
+)"""
+_SCHEMA = (_GROUPS % "groups") + """;
 CREATE TABLE IF NOT EXISTS members (
     id              TEXT PRIMARY KEY,
     group_name      TEXT NOT NULL REFERENCES groups(name) ON DELETE CASCADE,
@@ -145,15 +147,23 @@ def _check_amps(value, lo, hi, what, allow_zero=False):
 
 
 def _check_limit(limit_a, breaker_a):
+    """A group limit: 0 (everyone paused) or 6 A to 80 % of the breaker, whole amps."""
+    below = ("limit %s A is below the %d A minimum charging current (J1772); 0 pauses the group"
+             % ("%g" % limit_a if type(limit_a) in (int, float) else "?", MIN_CURRENT_A))
+    if type(limit_a) is float and math.isfinite(limit_a) and 0 < limit_a < MIN_CURRENT_A:
+        raise StoreError(below)
     if type(limit_a) is not int:
         raise StoreError("limit must be a whole number of amperes, got %r" % (limit_a,))
+    if limit_a == 0:
+        return 0
     top = max_limit(breaker_a)
     if top < MIN_CURRENT_A:
         raise StoreError("a %d A breaker allows at most %d A (80 %%, NEC 625.41), below the %d A "
                          "minimum charging current" % (breaker_a, top, MIN_CURRENT_A))
+    if limit_a < 0:
+        raise StoreError("limit %d A is negative" % limit_a)
     if limit_a < MIN_CURRENT_A:
-        raise StoreError("limit %d A is below the %d A minimum charging current (J1772)"
-                         % (limit_a, MIN_CURRENT_A))
+        raise StoreError(below)
     if limit_a > top:
         raise StoreError("limit %d A exceeds 80 %% of the %d A breaker (%d A max, NEC 625.41)"
                          % (limit_a, breaker_a, top))
@@ -190,6 +200,9 @@ class GroupStore:
                 if version > SCHEMA_VERSION:
                     raise StoreError("database %s has schema version %d; this server knows up to %d"
                                      % (self.path, version, SCHEMA_VERSION))
+            if version == 1:
+                self._migrate_1_to_2()
+            with self._tx() as db:
                 for statement in _SCHEMA.split(";"):
                     if statement.strip():
                         db.execute(statement)
@@ -197,6 +210,28 @@ class GroupStore:
         except BaseException:
             self._db.close()
             raise
+
+    def _migrate_1_to_2(self):
+        """Schema 1 refused a limit of 0. SQLite cannot change a CHECK, so the
+        groups table is copied into one with the new rule, in one
+        transaction, with foreign keys off so that no member is cascaded
+        away (SQLite's documented procedure for a table change)."""
+        self._db.execute("PRAGMA foreign_keys = OFF")
+        try:
+            with self._tx() as db:
+                if db.execute("PRAGMA user_version").fetchone()[0] != 1:
+                    return          # another process migrated it meanwhile
+                db.execute(_GROUPS % "groups_v2")
+                db.execute("INSERT INTO groups_v2 SELECT name, breaker_a, limit_a, fair_offline,"
+                           " t_wd_s, created, updated FROM groups")
+                db.execute("DROP TABLE groups")
+                db.execute("ALTER TABLE groups_v2 RENAME TO groups")
+                if db.execute("PRAGMA foreign_key_check").fetchall():
+                    raise StoreError("database %s: members without a group after migration"
+                                     % self.path)
+                db.execute("PRAGMA user_version = 2")
+        finally:
+            self._db.execute("PRAGMA foreign_keys = ON")
 
     def close(self):
         with self._lock:
@@ -299,7 +334,8 @@ class GroupStore:
         return self._update_group(name, breaker_a=breaker_a, limit_a=limit_a)
 
     def set_limit(self, name, limit_a) -> Group:
-        """Change the group limit (A); refused above 80 % of the breaker."""
+        """Change the group limit (A): 0 pauses every member, else 6 A up to
+        80 % of the breaker; anything else is refused (StoreError)."""
         return self._update_group(name, lambda row: _check_limit(limit_a, row["breaker_a"]),
                                   limit_a=limit_a)
 

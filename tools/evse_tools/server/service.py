@@ -143,10 +143,10 @@ class Service:
             if alloc is None:
                 members = []
                 for m in g.members:
-                    mem = Member(m.id, m.unit_rating_a, offline_a=m.offline_a, start_a=m.start_a)
                     # S6: assume max(last setpoint, offline current) until it reports.
-                    mem.hold_a = max(m.last_setpoint_a or 0.0, m.offline_a)
-                    members.append(mem)
+                    members.append(Member(m.id, m.unit_rating_a, offline_a=m.offline_a,
+                                          start_a=m.start_a,
+                                          assumed_a=max(m.last_setpoint_a or 0.0, m.offline_a)))
                 alloc = Allocator(cfg, members, self.epoch, now, restarted=True, seq_counter=self.seq)
                 self.allocators[g.name] = alloc
                 self.out(f"group {g.name}: breaker {g.breaker_a} A, limit {g.limit_a} A, "
@@ -156,9 +156,9 @@ class Service:
                 ids = {m.id for m in g.members}
                 for m in g.members:
                     if m.id not in alloc.members:
-                        # A new member: until it reports, it may draw its start current.
-                        alloc.members[m.id] = Member(m.id, m.unit_rating_a, offline_a=m.offline_a,
-                                                     start_a=m.start_a, hold_a=m.offline_a)
+                        # A new member: until it reports, it may draw its offline current.
+                        alloc.add(Member(m.id, m.unit_rating_a, offline_a=m.offline_a,
+                                         start_a=m.start_a, assumed_a=m.offline_a), now)
                     else:
                         alloc.members[m.id].unit_rating_a = m.unit_rating_a
                 for mid in list(alloc.members):

@@ -75,14 +75,24 @@ class _MemFs:
         pass
 
 
+EV_RESPONSE_S = 5.0
+"""IEC 61851-1 Table A.6: an EV follows a lower duty within 5 s."""
+
+
 @dataclass
 class VirtualEv:
     """An EV: onboard maximum ``max_a``, response delay ``delay_s``, and a
-    draw cap ``taper_a`` (None = none) that scenarios lower to model taper."""
+    draw cap ``taper_a`` (None = none) that scenarios lower to model taper.
+
+    ``worst_case`` True makes it the adversary that IEC 61851-1 allows: it
+    follows a raise at once and a decrease only after the full 5 s, so it
+    draws the highest pilot offered in the last 5 s (``delay_s`` is then
+    unused)."""
 
     max_a: float = 32.0
     delay_s: float = 2.0
     taper_a: float | None = None
+    worst_case: bool = False
     drawn_a: float = 0.0
     _seen: list = field(default_factory=list)
     energy_wh: float = 0.0
@@ -100,6 +110,7 @@ class VirtualCharger:
                            "t_wd_s": t_wd_s})
         self.arbiter = LimitArbiter(clock, self.store, clock.ticks_ms())
         self.ev: VirtualEv | None = None
+        self._offers: list[tuple[float, float]] = []   # (s, A) pilots offered to this EV, last 5 s
         self.session_wh = 0.0
         self.fault_until: float | None = None    # a fault (contactor open) until then, s
         self._off_since: float | None = None
@@ -110,6 +121,7 @@ class VirtualCharger:
         then a retry that starts a new session at the start current (C2)."""
         self.fault_until = now + seconds
         self.arbiter.fault = "gfci"
+        self._offers = []          # the contactor opens: the session's offers are over
 
     def limit(self) -> float:
         """The current the pilot offers now, A."""
@@ -121,6 +133,18 @@ class VirtualCharger:
         self.ev = ev
         self.session_wh = 0.0
         self.arbiter.start_session()
+        self._offers = []
+
+    def may_draw(self, now: float) -> float:
+        """The most its EV may draw now under IEC 61851-1, A: the highest pilot
+        offered in the last 5 s (an EV follows a decrease within 5 s), within
+        the EV's own maximum and taper; 0 without a car or with the contactor
+        open on a fault."""
+        ev = self.ev
+        if ev is None or self.fault_until is not None or not self._offers:
+            return 0.0
+        cap = min(ev.max_a, ev.taper_a if ev.taper_a is not None else ev.max_a)
+        return min(cap, max(a for _t, a in self._offers))
 
     def unplug(self) -> None:
         self.ev = None
@@ -141,10 +165,20 @@ class VirtualCharger:
         if ev is None:
             return
         offer = self.limit()
-        ev._seen.append((now + ev.delay_s, offer))
-        target = ev.drawn_a
-        while ev._seen and ev._seen[0][0] <= now:
-            target = ev._seen.pop(0)[1]
+        self._offers.append((now, offer))
+        while len(self._offers) > 1 and self._offers[1][0] <= now - EV_RESPONSE_S:
+            self._offers.pop(0)
+        if ev.worst_case:
+            # Every pilot offered in the last 5 s may still be followed.
+            ev._seen.append((now, offer))
+            while ev._seen and ev._seen[0][0] < now - EV_RESPONSE_S:
+                ev._seen.pop(0)
+            target = max(o for _t, o in ev._seen)
+        else:
+            ev._seen.append((now + ev.delay_s, offer))
+            target = ev.drawn_a
+            while ev._seen and ev._seen[0][0] <= now:
+                target = ev._seen.pop(0)[1]
         cap = min(ev.max_a, ev.taper_a if ev.taper_a is not None else ev.max_a)
         # The EV follows every pilot change, up or down, only after its delay
         # (IEC 61851-1 allows 5 s for a decrease), so it may draw more than
@@ -208,7 +242,8 @@ class VirtualGroup:
     """A load group in virtual time. ``members``: dict id -> unit rating (A)."""
 
     def __init__(self, group: GroupConfig, members: dict[str, float], seed: int = 0,
-                 delay_s: float = 0.2, drop: float = 0.0, report_s: float = 1.0):
+                 delay_s: float = 0.2, drop: float = 0.0, report_s: float = 1.0,
+                 on_change: bool = False):
         self.group = group
         self.rng = random.Random(seed)
         self.clock = TickClock()
@@ -221,8 +256,16 @@ class VirtualGroup:
         self.server_up = True
         self.allocator = self._new_allocator(restarted=False)
         self._last_report = {i: -1e9 for i in members}
+        # The firmware reports on change too (DESIGN.md §4); ``on_change``
+        # plays that: a report as soon as state, offer or acknowledgement moves.
+        self.on_change = on_change
+        self._last_said: dict[str, tuple] = {}
         self.violations: list[str] = []
         self.peak_a = 0.0
+        self.ledger_peak_a = 0.0
+        self.check_ledger = False
+        """Also hold the server's own ledger to the breaker (set it once the
+        chargers have been provisioned: out of the box each stores 8 A)."""
         self.over_limit_s = 0.0
         self.over_breaker_s = 0.0
 
@@ -235,13 +278,13 @@ class VirtualGroup:
         assumes each member at its offline current until it reports."""
         self.epoch += 1
         old = self.allocator
-        self.allocator = self._new_allocator(restarted=True)
-        for m in self.allocator.members.values():
-            o = old.members[m.id]
-            m.offline_a = o.offline_a
-            m.start_a = o.start_a
+        ms = []
+        for i, c in self.chargers.items():
+            o = old.members[i]
             last = o.last_sent()
-            m.hold_a = max(m.hold_a, last.current_a if last else 0.0)
+            ms.append(Member(i, c.store["unit_rating_a"], offline_a=o.offline_a, start_a=o.start_a,
+                             assumed_a=max(o.offline_a, last.current_a if last else 0.0)))
+        self.allocator = Allocator(self.group, ms, self.epoch, self.t, restarted=True)
 
     def step(self, dt: float = 0.1) -> None:
         self.t += dt
@@ -254,9 +297,13 @@ class VirtualGroup:
         for c in self.chargers.values():
             c.advance(self.t, dt)
         for i, c in self.chargers.items():
-            if self.t - self._last_report[i] >= self.report_s:
+            r = c.report()
+            said = (r.state, r.pilot_a, r.ack_seq, r.offline_a, r.start_a)
+            if (self.t - self._last_report[i] >= self.report_s
+                    or (self.on_change and said != self._last_said.get(i))):
                 self._last_report[i] = self.t
-                self.bus.send(self.t, "state", i, c.report())
+                self._last_said[i] = said
+                self.bus.send(self.t, "state", i, r)
         if self.server_up:
             for cmd in self.allocator.step(self.t):
                 self.bus.send(self.t, "set", cmd.member, json.dumps(cmd.payload()).encode())
@@ -265,7 +312,8 @@ class VirtualGroup:
     def _check(self, dt: float) -> None:
         offered = sum(c.limit() for c in self.chargers.values())
         drawn = sum(c.ev.drawn_a for c in self.chargers.values() if c.ev)
-        worst = sum(max(c.limit(), c.ev.drawn_a if c.ev else 0.0) for c in self.chargers.values())
+        worst = sum(max(c.limit(), c.may_draw(self.t), c.ev.drawn_a if c.ev else 0.0)
+                    for c in self.chargers.values())
         self.peak_a = max(self.peak_a, drawn)
         if drawn > self.group.limit_a + 1e-9:
             self.over_limit_s += dt
@@ -274,6 +322,12 @@ class VirtualGroup:
         if worst > self.group.breaker_a + 1e-9:
             self.violations.append("t=%.1f may draw %.1f A (offered %.1f, drawn %.1f) > breaker %.0f A"
                                    % (self.t, worst, offered, drawn, self.group.breaker_a))
+        if self.server_up:
+            ledger = self.allocator.ledger_a(self.t)
+            self.ledger_peak_a = max(self.ledger_peak_a, ledger)
+            if self.check_ledger and ledger > self.group.breaker_a + 1e-9:
+                self.violations.append("t=%.1f the server's ledger says %.1f A > breaker %.0f A"
+                                       % (self.t, ledger, self.group.breaker_a))
 
     def run(self, seconds: float, dt: float = 0.1) -> None:
         for _ in range(int(round(seconds / dt))):
