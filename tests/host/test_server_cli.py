@@ -194,3 +194,55 @@ def test_random_cli_arguments_never_produce_a_traceback(argv):
     assert "Traceback" not in out + err
     if code == 1:
         assert err.startswith("error: ")
+
+
+def test_group_limit_zero_pauses_the_group_through_every_way_a_limit_is_set(tmp_path):
+    """Issue 11, finding 3: an installer or automation could not pause a
+    group; ``set-limit G 0`` answered "below the 6 A minimum". 0 now means
+    "everyone paused"; 0.1 to 5.9 A stay refused with that message, and a
+    refusal changes nothing."""
+    db = tmp_path / "s.db"
+    assert run(db, "group", "create", "garage", "--breaker", "50")[0] == 0
+    assert run(db, "group", "set-limit", "garage", "0") == (
+        0, "group garage: limit 0 A: every member paused\n", "")
+    code, out, _ = run(db, "group", "show", "garage")
+    assert code == 0 and "limit     0 A: PAUSED" in out
+    assert "0 A (paused)" in run(db, "group", "list")[1]
+    assert run(db, "group", "set-breaker", "garage", "50", "--limit", "0")[0] == 0
+    assert run(db, "group", "create", "shed", "--breaker", "30", "--limit", "0")[0] == 0
+    assert GroupStore(str(db)).get_group("shed").limit_a == 0
+    assert run(db, "group", "set-limit", "garage", "40")[0] == 0
+    for bad in ("0.1", "1", "5", "5.9"):
+        code, out, err = run(db, "group", "set-limit", "garage", bad)
+        assert (code, out) == (1, "")
+        assert err == ("error: limit %s A is below the 6 A minimum charging current (J1772); "
+                       "0 pauses the group\n" % bad)
+        assert run(db, "group", "set-breaker", "garage", "50", "--limit", bad)[0] == 1
+        assert run(db, "group", "create", "x" + bad.replace(".", ""), "--breaker", "50",
+                   "--limit", bad)[0] == 1
+    assert GroupStore(str(db)).get_group("garage").limit_a == 40
+    assert [g.name for g in GroupStore(str(db)).list_groups()] == ["garage", "shed"]
+    assert run(db, "group", "set-limit", "garage", "-1")[0] in (1, 2)
+
+
+def test_a_schema_1_database_is_migrated_with_its_members_kept(tmp_path):
+    """Schema 1 refused a limit of 0 in SQL; opening it migrates the groups
+    table and keeps every member (foreign keys must not cascade them away)."""
+    import sqlite3
+    db = tmp_path / "old.db"
+    with GroupStore(str(db)) as s:
+        s.create_group("garage", 50)
+        s.add_member("garage", "bay-1", 40)
+    con = sqlite3.connect(str(db))
+    old = """CREATE TABLE groups_old (name TEXT PRIMARY KEY, breaker_a INTEGER NOT NULL,
+        limit_a INTEGER NOT NULL CHECK (limit_a >= 6 AND limit_a * 5 <= breaker_a * 4),
+        fair_offline INTEGER NOT NULL DEFAULT 0 CHECK (fair_offline IN (0, 1)),
+        t_wd_s INTEGER NOT NULL DEFAULT 30, created REAL NOT NULL, updated REAL NOT NULL)"""
+    con.executescript("PRAGMA foreign_keys = OFF; BEGIN; " + old + "; INSERT INTO groups_old "
+                      "SELECT * FROM groups; DROP TABLE groups; ALTER TABLE groups_old RENAME TO "
+                      "groups; PRAGMA user_version = 1; COMMIT;")
+    con.close()
+    with GroupStore(str(db)) as s:
+        assert [m.id for m in s.get_group("garage").members] == ["bay-1"]
+        assert s.set_limit("garage", 0).limit_a == 0
+    assert sqlite3.connect(str(db)).execute("PRAGMA user_version").fetchone()[0] == 2

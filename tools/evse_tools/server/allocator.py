@@ -278,6 +278,8 @@ class Allocator:
             return
         if last is not None and effective(current, m) < effective(last.current_a, m):
             self._decreased_at[m.id] = now
+        if effective(current, m) > 0 and (last is None or effective(last.current_a, m) == 0):
+            self.planner.resumed(m.id, now)
         self._seq[0] += 1
         s = Sent(self._seq[0], current, off, start, now)
         self.ledger.on_sent(m, s)

@@ -124,20 +124,26 @@ class Planner:
     """Policy for one group (S3-S5, S7). Holds only its own bookkeeping
     (taper and rotation); everything about what may be drawn is the ledger's.
 
-    ``swaps``: every rotation hand-over so far, as (time s, paused id,
-    resumed id), for tests and the group state."""
+    ``turns``: the latest pauses and resumes in a shortage, as (time s,
+    member id, active bool, cause), cause one of ``shortage`` (fewer can
+    charge), ``room`` (more can) and ``rotation`` (a hand-over, S4); the
+    last ``TURNS_KEPT``, for tests and diagnosis."""
+
+    TURNS_KEPT = 256
 
     def __init__(self, group: GroupConfig):
         self.group = group
         self._turns: dict[str, _Turn] = {}
         self._taper: dict[str, _Taper] = {}
         self._last_swap: float | None = None
-        self.swaps: list[tuple[float, str, str]] = []
+        self._changed: dict[str, float] = {}   # last pause or resume per member, across sessions
+        self.turns: list[tuple[float, str, bool, str]] = []
 
     def forget(self, member_id: str) -> None:
         """The member left the group."""
         self._turns.pop(member_id, None)
         self._taper.pop(member_id, None)
+        self._changed.pop(member_id, None)
 
     # -- S5: taper ----------------------------------------------------------------
 
@@ -171,6 +177,15 @@ class Planner:
             return t.demand_a, EV_DRAW
         return cap, why
 
+    def resumed(self, member_id: str, now: float) -> None:
+        """The allocator sent an active member its first current after a
+        pause (a hand-over waits for the outgoing EV's window first): its
+        turn runs from now, so that it gets a whole rotation period."""
+        t = self._turns.get(member_id)
+        if t is not None and t.active:
+            t.since = t.changed = now
+            self._changed[member_id] = now
+
     def session_changed(self, member_id: str) -> None:
         """A session began or ended: forget its taper and its place in a shortage."""
         self._taper.pop(member_id, None)
@@ -194,7 +209,7 @@ class Planner:
             if m.id not in turns:
                 # A newcomer waits its turn in a shortage (it was told its
                 # start current; nothing here is a pause of a running car).
-                turns[m.id] = _Turn(False, now, -1e18)
+                turns[m.id] = _Turn(False, now, self._changed.get(m.id, -1e18))
         ids = {m.id for m in charging}
         for mid in list(turns):
             if mid not in ids:
@@ -206,17 +221,20 @@ class Planner:
         active = [m for m in charging if turns[m.id].active]
         waiting = [m for m in charging if not turns[m.id].active]
 
-        def set_turn(m, on):
+        def set_turn(m, on, cause):
             turns[m.id] = _Turn(on, now, now)
+            self._changed[m.id] = now
+            self.turns.append((now, m.id, on, cause))
+            del self.turns[:-self.TURNS_KEPT]
 
         if len(active) > k:
             # Fewer can charge: the ones with the most energy pause first.
             for m in sorted(active, key=lambda m: (-wh(m), -turns[m.id].since, m.id))[:len(active) - k]:
-                set_turn(m, False)
+                set_turn(m, False, "shortage")
         elif len(active) < k:
             # Room: the ones that waited longest (then least energy) resume.
             for m in sorted(waiting, key=lambda m: (turns[m.id].since, wh(m), m.id))[:k - len(active)]:
-                set_turn(m, True)
+                set_turn(m, True, "room")
         waiting = [m for m in charging if not turns[m.id].active]
         if not waiting:
             self._last_swap = None
@@ -228,10 +246,9 @@ class Planner:
             if outs and ins:
                 out = max(outs, key=lambda m: (wh(m), now - turns[m.id].since, m.id))
                 inn = min(ins, key=lambda m: (turns[m.id].since, wh(m), m.id))
-                set_turn(out, False)
-                set_turn(inn, True)
+                set_turn(out, False, ROTATION)
+                set_turn(inn, True, ROTATION)
                 self._last_swap = now
-                self.swaps.append((now, out.id, inn.id))
         return {m.id for m in charging if turns[m.id].active}
 
     # -- the plan -----------------------------------------------------------------
@@ -300,38 +317,39 @@ class Planner:
 
     def _start_currents(self, ledger: Ledger, targets: dict, offline: dict,
                         now: float) -> dict[str, float]:
-        """S3: start current per member. Idle members get 8 A while the
-        breaker has room beside everything else's planned worst case, else
-        6 A, else 0 ("wait for an allocation"); recomputed every round, so a
-        start current lowered to make room for a raise comes back when that
-        raise is no longer needed. An idle member's reserve is the larger of
-        its start and offline currents (``offline``, planned), so a start
-        current is never lowered below its offline current: that would free
-        nothing. Connected members keep what they have; faulted and removed
-        ones get 0, so that a retry waits for the server; a limit of 0 gives
-        everyone 0."""
+        """S3: the start current of every member.
+
+        Every member's start current counts against the breaker (a car may
+        plug in, or be plugged in again, at any moment). Each member's
+        reserve without it is the larger of what the ledger counts for it
+        anyway, its planned setpoint and its planned offline current; the
+        breaker's headroom beside all reserves is then handed out as start
+        currents, idle members first (a car is likeliest to arrive there):
+        8 A where it fits, else 6 A, else 0 ("wait for an allocation"). A
+        start current at or below a member's reserve costs nothing and is
+        never lowered. Recomputed every round, so a start current lowered
+        to make room for a raise comes back when that raise is no longer
+        needed. Faulted and removed members get 0, so that a retry waits
+        for the server; a limit of 0 gives everyone 0."""
         g = self.group
+        reserve = {}
+        for m in ledger.members.values():
+            a = targets.get(m.id, (0.0, IDLE))[0]
+            reserve[m.id] = max(ledger.base_a(m, now), min(a, m.unit_rating_a),
+                                offline.get(m.id, 0.0))
+        headroom = g.breaker_a - sum(reserve.values())
         out: dict[str, float] = {}
-        headroom = g.breaker_a
-        idle = []
-        for m in sorted(ledger.members.values(), key=lambda m: m.id):
-            if m.id in targets:
-                a, why = targets[m.id]
-                headroom -= max(ledger.worst_a(m, now), a)
-                out[m.id] = 0.0 if why in (FAULT, REMOVED) or g.limit_a == 0 else m.start_a
-            else:
-                idle.append(m)
-        for m in idle:
-            off = offline.get(m.id, 0.0)
+        order = sorted(ledger.members.values(), key=lambda m: (m.id in targets, m.id))
+        for m in order:
+            why = targets.get(m.id, (0.0, IDLE))[1]
             want = 0.0
-            if g.limit_a > 0:
+            if g.limit_a > 0 and why not in (FAULT, REMOVED):
                 for want in (DEFAULT_START_A, MIN_A, 0.0):
-                    if max(want, off) <= headroom or want <= off:
+                    if want <= reserve[m.id] or want - reserve[m.id] <= headroom:
                         break
             want = min(want, float(math.floor(m.unit_rating_a)))
             if want < MIN_A:
                 want = 0.0
             out[m.id] = want
-            headroom -= max(want, off)
+            headroom -= max(0.0, want - reserve[m.id])
         return out
-

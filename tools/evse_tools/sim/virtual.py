@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from firmware import settings as fw_settings
 from firmware.limit import LimitArbiter
@@ -221,6 +221,8 @@ class Bus:
         self.drop = drop
         self.deaf: set[str] = set()
         self.mute: set[str] = set()
+        self.lag: dict[str, float] = {}     # extra delay of a member's reports (late acks), s
+        self._last_due: dict[tuple[str, str], float] = {}
         self.queue: list[tuple[float, str, str, object]] = []
 
     def send(self, now: float, kind: str, member: str, body: object) -> None:
@@ -230,7 +232,12 @@ class Bus:
             return
         if kind == "state" and member in self.mute:
             return
-        self.queue.append((now + self.delay_s * (0.5 + self.rng.random()), kind, member, body))
+        extra = self.lag.get(member, 0.0) if kind == "state" else 0.0
+        due = now + extra + self.delay_s * (0.5 + self.rng.random())
+        # One TCP connection per client: a member's messages stay in order.
+        due = max(due, self._last_due.get((kind, member), 0.0))
+        self._last_due[(kind, member)] = due
+        self.queue.append((due, kind, member, body))
 
     def due(self, now: float):
         ready = [m for m in self.queue if m[0] <= now]
@@ -268,6 +275,11 @@ class VirtualGroup:
         chargers have been provisioned: out of the box each stores 8 A)."""
         self.over_limit_s = 0.0
         self.over_breaker_s = 0.0
+
+    def set_limit(self, limit_a: float) -> None:
+        """The installer (or an automation) changes the group limit, A."""
+        self.group = replace(self.group, limit_a=limit_a)
+        self.allocator.group = self.group
 
     def _new_allocator(self, restarted: bool) -> Allocator:
         ms = [Member(i, c.store["unit_rating_a"]) for i, c in self.chargers.items()]
