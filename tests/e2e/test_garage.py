@@ -32,14 +32,21 @@ def test_group_never_exceeds_the_50a_breaker(garage):
     assert max(s.group_measured() for s in garage.samples) <= BREAKER
 
 
-def test_car_1_is_lowered_and_confirmed_before_car_2_is_raised(garage):
+def test_car_1_is_lowered_and_confirmed_before_car_2_is_raised_past_what_fits(garage):
+    """S2 with partial raises (issue 11): until car 1's decrease to 20 A is
+    confirmed (acknowledged, and a report after the EV's 5 s + 1 s window
+    shows it at 20 A), car 2 gets at most what fits beside car 1's 40 A under
+    the 50 A breaker, i.e. 10 A; its raise to 20 A comes after."""
     t2 = at(garage, "bolt-ev plugs in")
-    raise2 = next((t, b) for t, cid, b in garage.sets if cid == C2 and t >= t2 and b["current_a"] > 8)
-    lowered = [b["seq"] for t, cid, b in garage.sets if cid == C1 and t >= t2 and b["current_a"] <= 20]
+    lowered = [(t, b["seq"]) for t, cid, b in garage.sets if cid == C1 and t >= t2 and b["current_a"] <= 20]
+    t_low = lowered[0][0]
     confirm = next(t for t, cid, b in garage.states
-                   if cid == C1 and t >= t2 and b["ack_seq"] in lowered and b["measured_a"] <= 21)
+                   if cid == C1 and t >= t_low + 6 and b["ack_seq"] in [q for _t, q in lowered]
+                   and b["measured_a"] <= 21)
+    early = [b["current_a"] for t, cid, b in garage.sets if cid == C2 and t2 <= t < confirm]
+    assert max(early, default=8) <= BREAKER - LIMIT
+    raise2 = next((t, b) for t, cid, b in garage.sets if cid == C2 and t >= t2 and b["current_a"] == 20)
     assert confirm <= raise2[0]
-    assert raise2[1]["current_a"] == 20
 
 
 def test_both_cars_sit_at_20a_within_15s_of_the_arrival(garage):

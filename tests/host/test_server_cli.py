@@ -226,23 +226,31 @@ def test_group_limit_zero_pauses_the_group_through_every_way_a_limit_is_set(tmp_
 
 
 def test_a_schema_1_database_is_migrated_with_its_members_kept(tmp_path):
-    """Schema 1 refused a limit of 0 in SQL; opening it migrates the groups
-    table and keeps every member (foreign keys must not cascade them away)."""
+    """Schema 1 refused a limit of 0 in SQL and kept no worst case; opening
+    it migrates both tables and keeps every member (foreign keys must not
+    cascade them away)."""
     import sqlite3
     db = tmp_path / "old.db"
-    with GroupStore(str(db)) as s:
-        s.create_group("garage", 50)
-        s.add_member("garage", "bay-1", 40)
     con = sqlite3.connect(str(db))
-    old = """CREATE TABLE groups_old (name TEXT PRIMARY KEY, breaker_a INTEGER NOT NULL,
-        limit_a INTEGER NOT NULL CHECK (limit_a >= 6 AND limit_a * 5 <= breaker_a * 4),
-        fair_offline INTEGER NOT NULL DEFAULT 0 CHECK (fair_offline IN (0, 1)),
-        t_wd_s INTEGER NOT NULL DEFAULT 30, created REAL NOT NULL, updated REAL NOT NULL)"""
-    con.executescript("PRAGMA foreign_keys = OFF; BEGIN; " + old + "; INSERT INTO groups_old "
-                      "SELECT * FROM groups; DROP TABLE groups; ALTER TABLE groups_old RENAME TO "
-                      "groups; PRAGMA user_version = 1; COMMIT;")
+    con.executescript("""
+        CREATE TABLE groups (name TEXT PRIMARY KEY, breaker_a INTEGER NOT NULL,
+            limit_a INTEGER NOT NULL CHECK (limit_a >= 6 AND limit_a * 5 <= breaker_a * 4),
+            fair_offline INTEGER NOT NULL DEFAULT 0 CHECK (fair_offline IN (0, 1)),
+            t_wd_s INTEGER NOT NULL DEFAULT 30, created REAL NOT NULL, updated REAL NOT NULL);
+        CREATE TABLE members (id TEXT PRIMARY KEY,
+            group_name TEXT NOT NULL REFERENCES groups(name) ON DELETE CASCADE,
+            unit_rating_a REAL NOT NULL, offline_a REAL NOT NULL DEFAULT 8,
+            start_a REAL NOT NULL DEFAULT 8, last_setpoint_a REAL, last_seq INTEGER,
+            last_epoch INTEGER, last_sent_at REAL);
+        CREATE INDEX members_by_group ON members(group_name);
+        INSERT INTO groups VALUES ('garage', 50, 40, 0, 30, 1.0, 1.0);
+        INSERT INTO members VALUES ('bay-1', 'garage', 40, 8, 8, 20, 7, 3, 1.0);
+        PRAGMA user_version = 1;""")
     con.close()
     with GroupStore(str(db)) as s:
-        assert [m.id for m in s.get_group("garage").members] == ["bay-1"]
+        [m] = s.get_group("garage").members
+        assert (m.id, m.last_setpoint_a, m.worst_a) == ("bay-1", 20, None)
         assert s.set_limit("garage", 0).limit_a == 0
+        s.record_sent([("bay-1", 0.0, 8, 3, 2.0, 0.0, 0.0, 20.0)])
+        assert s.get_group("garage").members[0].worst_a == 20.0
     assert sqlite3.connect(str(db)).execute("PRAGMA user_version").fetchone()[0] == 2

@@ -35,7 +35,8 @@ T_WD_RANGE_S = (10, 600)
 _ID_RE = re.compile(r"[a-z0-9-]{1,32}")
 
 SCHEMA_VERSION = 2
-"""1: the first; 2: a group limit of 0 (everyone paused) is allowed."""
+"""1: the first; 2: a group limit of 0 (everyone paused) is allowed, and each
+member's worst case (S1) is kept with its last setpoint."""
 _GROUPS = """
 CREATE TABLE IF NOT EXISTS %s (
     name         TEXT PRIMARY KEY,
@@ -56,7 +57,8 @@ CREATE TABLE IF NOT EXISTS members (
     last_setpoint_a REAL,
     last_seq        INTEGER,
     last_epoch      INTEGER,
-    last_sent_at    REAL
+    last_sent_at    REAL,
+    worst_a         REAL
 );
 CREATE INDEX IF NOT EXISTS members_by_group ON members(group_name);
 """
@@ -89,8 +91,9 @@ class Member:
     """A charger in a group. Currents in A; ``last_sent_at`` in unix seconds.
 
     ``offline_a`` and ``start_a`` are the values the server last assigned (S3);
-    ``last_*`` describe the last setpoint sent, kept so that a restarted server
-    can assume max(last setpoint, offline current) (S6).
+    ``last_*`` describe the last setpoint sent, and ``worst_a`` the ledger's
+    worst case for it then (an EV may still follow a higher setpoint sent
+    just before), kept so that a restarted server can assume the worst (S6).
     """
     id: str
     group: str
@@ -101,6 +104,7 @@ class Member:
     last_seq: int | None = None
     last_epoch: int | None = None
     last_sent_at: float | None = None
+    worst_a: float | None = None
 
 
 @dataclass
@@ -178,7 +182,8 @@ def _member(row):
     return Member(id=row["id"], group=row["group_name"], unit_rating_a=row["unit_rating_a"],
                   offline_a=row["offline_a"], start_a=row["start_a"],
                   last_setpoint_a=row["last_setpoint_a"], last_seq=row["last_seq"],
-                  last_epoch=row["last_epoch"], last_sent_at=row["last_sent_at"])
+                  last_epoch=row["last_epoch"], last_sent_at=row["last_sent_at"],
+                  worst_a=row["worst_a"])
 
 
 # -- the store ----------------------------------------------------------------
@@ -226,6 +231,7 @@ class GroupStore:
                            " t_wd_s, created, updated FROM groups")
                 db.execute("DROP TABLE groups")
                 db.execute("ALTER TABLE groups_v2 RENAME TO groups")
+                db.execute("ALTER TABLE members ADD COLUMN worst_a REAL")
                 if db.execute("PRAGMA foreign_key_check").fetchall():
                     raise StoreError("database %s: members without a group after migration"
                                      % self.path)
@@ -396,12 +402,15 @@ class GroupStore:
     def record_sent(self, rows) -> list:
         """Remember a whole round of setpoints in one transaction (a round may
         send thousands). ``rows``: ``(member_id, amps, seq, epoch, sent_at,
-        offline_a, start_a)`` with the units of :meth:`record_setpoint` and
-        :meth:`record_member_currents`. A row for a member no longer in the
-        database, or with a bad value, is skipped; returns the skipped ids."""
+        offline_a, start_a[, worst_a])`` with the units of :meth:`record_setpoint`
+        and :meth:`record_member_currents`; ``worst_a`` (A) is the ledger's
+        worst case for the member (S1), None if unknown. A row for a member no
+        longer in the database, or with a bad value, is skipped; returns the
+        skipped ids."""
         skipped = []
         with self._tx() as db:
-            for member_id, amps, seq, epoch, sent_at, offline_a, start_a in rows:
+            for member_id, amps, seq, epoch, sent_at, offline_a, start_a, *more in rows:
+                worst = more[0] if more else None
                 row = db.execute("SELECT unit_rating_a FROM members WHERE id = ?", (member_id,)).fetchone()
                 try:
                     if row is None:
@@ -412,12 +421,14 @@ class GroupStore:
                     start = _check_amps(start_a, MIN_CURRENT_A, rating, "start current", True)
                     if type(seq) is not int or type(epoch) is not int or seq < 0 or epoch < 0:
                         raise StoreError("seq and epoch must be integers >= 0")
+                    if worst is not None:
+                        worst = _check_amps(worst, 0, 1000, "worst case")
                 except StoreError:
                     skipped.append(member_id)
                     continue
                 db.execute("UPDATE members SET last_setpoint_a = ?, last_seq = ?, last_epoch = ?,"
-                           " last_sent_at = ?, offline_a = ?, start_a = ? WHERE id = ?",
-                           (amps, seq, epoch, float(sent_at), off, start, member_id))
+                           " last_sent_at = ?, offline_a = ?, start_a = ?, worst_a = ? WHERE id = ?",
+                           (amps, seq, epoch, float(sent_at), off, start, worst, member_id))
         return skipped
 
     def record_member_currents(self, member_id, offline_a=None, start_a=None) -> Member:

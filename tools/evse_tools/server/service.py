@@ -143,10 +143,13 @@ class Service:
             if alloc is None:
                 members = []
                 for m in g.members:
-                    # S6: assume max(last setpoint, offline current) until it reports.
+                    # S6: assume max(last setpoint, offline current) until it
+                    # reports, and the worst case the ledger had then: its EV
+                    # may still follow a higher setpoint sent just before.
                     members.append(Member(m.id, m.unit_rating_a, offline_a=m.offline_a,
                                           start_a=m.start_a,
-                                          assumed_a=max(m.last_setpoint_a or 0.0, m.offline_a)))
+                                          assumed_a=max(m.last_setpoint_a or 0.0, m.offline_a,
+                                                        m.worst_a or 0.0)))
                 alloc = Allocator(cfg, members, self.epoch, now, restarted=True, seq_counter=self.seq)
                 self.allocators[g.name] = alloc
                 self.out(f"group {g.name}: breaker {g.breaker_a} A, limit {g.limit_a} A, "
@@ -265,7 +268,7 @@ class Service:
                 self.out(f"set {cmd.member} {cmd.current_a:g} A ({m.binding}) offline "
                          f"{cmd.offline_a:g} A start {cmd.start_a:g} A seq {cmd.seq}")
                 sent.append((cmd.member, cmd.current_a, cmd.seq, cmd.epoch, wall,
-                             cmd.offline_a, cmd.start_a))
+                             cmd.offline_a, cmd.start_a, alloc.worst_a(m, now)))
         if sent:
             # One transaction for the round. A member removed from the database
             # meanwhile is skipped: the ledger keeps it until its lease ends.
