@@ -20,10 +20,14 @@ response delay (``delay_ms`` of the scenario). Scenario events become:
 - ``unplug``; ``server_kill``/``server_stop``: the server is gone (nothing
   delivered to or sent by it); ``server_start``: a new server run (epoch).
 
-Each scenario runs with three allocators, behind the same interface
+Each scenario runs with four allocators, behind the same interface
 (``on_report(member_id, report, now)`` and ``step(now) -> [Command]``):
 
 - ``project``: :class:`evse_tools.server.allocator.Allocator`;
+- ``release``: the allocator of the release before issue 11
+  (:data:`RELEASE_REV`, read with ``git show``), for a before/after side by
+  side in the same run; left out, with the reason, where git or that
+  revision is not there;
 - ``equal-split``: floor(limit / connected cars) for each connected car,
   capped at its unit rating; no taper reuse (a car drawing less keeps its
   share) and no decrease-before-increase (all changes are sent at once);
@@ -55,6 +59,9 @@ in the bus delays; overloads are the maximum over the runs):
   event). It does not ask every car to draw its full share: the unused 2 A
   taper margin (S5) shows in ``share`` instead;
 - ``t_5050_s``: the same for the second arrival (the garage's 50/50);
+- ``t_alone_s`` / ``alone_a``: per arrival of a car with no other car
+  plugged in, the time until it draws 90 % of the most it draws before the
+  next event, and that most (A);
 - ``t_reuse_s`` / ``t_unplug_reuse_s``: per taper (``soc``) / departure,
   the time until the cars draw at least 90 % of min(limit, what they could
   draw) (None: not reached before the next event);
@@ -74,8 +81,10 @@ from __future__ import annotations
 import importlib.util
 import math
 import statistics
+import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[3]
@@ -92,7 +101,6 @@ from evse_tools.sim.virtual import VirtualEv, VirtualGroup
 
 SCENARIOS = REPO / "tools" / "scenarios"
 """The scenario files (``tools/scenarios``)."""
-SCENARIO_NAMES = ("garage", "busy-day")
 DT_S = 0.1
 """Virtual time step, s."""
 VOLTS = 240.0
@@ -103,7 +111,13 @@ FAIR_TOL_A = 1.0
 """A car is at its fair share when its draw is within this of it, A."""
 REUSE_SHARE = 0.9
 """Share of the available current the cars must draw after a taper, 0..1."""
-ALLOCATORS = ("project", "equal-split", "fcfs")
+ALLOCATORS = ("project", "release", "equal-split", "fcfs")
+SCENARIO_NAMES = ("garage", "busy-day", "trio")
+RELEASE_REV = "099394e"
+"""The last commit before issue 11 (its allocator confirmed a decrease by a
+measured drop, raised all or nothing, and could not be set to 0)."""
+ALONE_SHARE = 0.9
+"""A lone car has arrived when it draws this share of its most, 0..1."""
 
 
 def taper_cap(max_a: float, soc: float) -> float | None:
@@ -237,7 +251,52 @@ class FirstComeFirstServed(Baseline):
         return out
 
 
-BASELINES = {"equal-split": EqualSplit, "fcfs": FirstComeFirstServed}
+_RELEASE: list = []
+
+
+def release_module():
+    """The allocator module of :data:`RELEASE_REV`, loaded from git (cached).
+    Raises RuntimeError saying why when git or the revision is missing."""
+    if _RELEASE:
+        return _RELEASE[0]
+    try:
+        text = subprocess.run(["git", "show", f"{RELEASE_REV}:tools/evse_tools/server/allocator.py"],
+                              cwd=REPO, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise RuntimeError(f"git show failed: {exc}") from None
+    if text.returncode != 0:
+        raise RuntimeError(f"revision {RELEASE_REV} not found ({text.stderr.strip()[:120]})")
+    name = "evse_bench_release_allocator"
+    mod = types.ModuleType(name)
+    mod.__file__ = f"{RELEASE_REV}:allocator.py"
+    sys.modules[name] = mod          # dataclasses look their module up there
+    exec(compile(text.stdout, mod.__file__, "exec"), mod.__dict__)
+    _RELEASE.append(mod)
+    return mod
+
+
+class ReleaseAllocator:
+    """The previous release's allocator (:func:`release_module`) behind the
+    baselines' interface, so that before and after run side by side."""
+
+    name = "release"
+
+    def __init__(self, group: GroupConfig, ratings: dict[str, float], epoch: int, now: float):
+        mod = release_module()
+        cfg = mod.GroupConfig(group.name, group.breaker_a, group.limit_a, group.t_wd_s,
+                              group.fair_offline, group.rotate_s)
+        self._a = mod.Allocator(cfg, [mod.Member(i, r) for i, r in ratings.items()], epoch, now,
+                                restarted=now > 0)
+
+    def on_report(self, member_id: str, report: Report, now: float) -> None:
+        self._a.on_report(member_id, report, now)
+
+    def step(self, now: float) -> list[Command]:
+        return [Command(c.member, c.seq, c.epoch, c.current_a, c.offline_a, c.start_a)
+                for c in self._a.step(now)]
+
+
+BASELINES = {"equal-split": EqualSplit, "fcfs": FirstComeFirstServed, "release": ReleaseAllocator}
 
 
 class BenchGroup(VirtualGroup):
@@ -300,12 +359,13 @@ def run_scenario(sc: Scenario, allocator: str = "project", seed: int = 0) -> dic
             nxt = events[ei].at_s if ei < len(events) else sc.duration_s
             c = g.chargers.get(e.charger) if e.charger else None
             if e.action == "plug":
+                alone = all(o.ev is None for o in g.chargers.values())
                 spec = e.ev
                 ev = VirtualEv(max_a=float(spec["max_a"]), delay_s=spec.get("delay_ms", 2000) / 1000,
                                taper_a=taper_cap(float(spec["max_a"]), spec.get("soc", 0.3)))
                 c.plug(ev)
                 marks.append({"kind": "plug", "at_s": e.at_s, "charger": e.charger,
-                              "until_s": nxt, "t_s": None})
+                              "until_s": nxt, "t_s": None, "alone": alone, "trace": []})
             elif e.action == "unplug":
                 c.unplug()
                 marks.append({"kind": "unplug", "at_s": e.at_s, "charger": e.charger,
@@ -343,6 +403,9 @@ def run_scenario(sc: Scenario, allocator: str = "project", seed: int = 0) -> dic
         may = sum(max(c.limit(), c.ev.drawn_a if c.ev else 0.0) for c in g.chargers.values())
         exposure += max(0.0, may - cfg.breaker_a) * DT_S
         peak = max(peak, total)
+        for m in marks:
+            if m.get("alone") and m["at_s"] < t <= m["until_s"]:
+                m["trace"].append((t, drawn.get(m["charger"], 0.0)))
         if any(m["t_s"] is None and m["at_s"] < t <= m["until_s"] for m in marks):
             fair = water_fill(cfg.limit_a, could) if could else {}
             none_above = all(drawn.get(i, 0.0) <= fair[i] + FAIR_TOL_A for i in fair)
@@ -376,6 +439,14 @@ def run_scenario(sc: Scenario, allocator: str = "project", seed: int = 0) -> dic
     }
     if len(arrivals) >= 2:
         out["t_5050_s"] = arrivals[1]["t_s"]
+    alone = []
+    for m in arrivals:
+        if m["alone"] and m["trace"]:
+            most = max(a for _t, a in m["trace"])
+            t = next(t for t, a in m["trace"] if a >= ALONE_SHARE * most)
+            alone.append({"charger": m["charger"], "at_s": m["at_s"], "t_s": round(t - m["at_s"], 2),
+                          "alone_a": round(most, 1)})
+    out["t_alone_s"] = alone
     return out
 
 
@@ -408,6 +479,9 @@ def _summary(runs: list[dict]) -> dict:
                         "max_s": max((t for t in ts if t is not None), default=None),
                         "reached": sum(t is not None for t in ts)})
         s[key] = per
+    if runs[0]["t_alone_s"]:
+        s["t_alone_s"] = _mean(x["t_s"] for r in runs for x in r["t_alone_s"])
+        s["alone_a"] = _mean(x["alone_a"] for r in runs for x in r["t_alone_s"])
     if "t_5050_s" in runs[0]:
         ts = [r["t_5050_s"] for r in runs]
         s["t_5050_s"] = _mean(ts)
@@ -434,9 +508,16 @@ def run(quick: bool, seeds: int | None = None,
                      "pilot changes, 0.1-0.3 s bus delay, reports every 1 s); two-stage taper "
                      "(ACN-Sim); means over seeds, overloads max over seeds",
            "scenarios": {}}
+    allocators = list(ALLOCATORS)
+    try:
+        release_module()
+    except RuntimeError as exc:
+        allocators.remove("release")
+        out["release_missing"] = str(exc)
+    out["release_rev"] = RELEASE_REV
     for name in scenarios:
         sc = load(SCENARIOS / f"{name}.toml")
-        runs = {a: [run_scenario(sc, a, seed) for seed in range(n)] for a in ALLOCATORS}
+        runs = {a: [run_scenario(sc, a, seed) for seed in range(n)] for a in allocators}
         out["scenarios"][name] = {
             "breaker_a": sc.breaker_a, "limit_a": sc.limit_a, "duration_s": sc.duration_s,
             "chargers": len(sc.chargers),
@@ -468,8 +549,8 @@ def table(results: dict) -> str:
         lines.append(f"{name}: {sc['chargers']} chargers, breaker {sc['breaker_a']} A, "
                      f"limit {sc['limit_a']} A, {sc['duration_s']:g} s")
         head = (f"  {'allocator':<12} {'Wh':>7} {'share':>6} {'short.':>6} {'50/50 s':>12} "
-                f"{'fair s':>8} {'reuse s':>12} {'>brk A*s':>9} {'>lim A*s':>9} {'expo A*s':>9} "
-                f"{'peak A':>7}")
+                f"{'alone s (A)':>12} {'fair s':>8} {'reuse s':>12} {'>brk A*s':>9} "
+                f"{'>lim A*s':>9} {'expo A*s':>9} {'peak A':>7}")
         lines.append(head)
         for a, s in sc["allocators"].items():
             runs = s["runs"]
@@ -481,9 +562,10 @@ def table(results: dict) -> str:
             reuse = s["t_reuse_s"]
             reuse_txt = (f"{_f(reuse[0]['mean_s'])} ({reuse[0]['reached']}/{runs})"
                          if reuse else "-")
+            alone = (f"{_f(s['t_alone_s'])} ({s['alone_a']:.0f})" if "t_alone_s" in s else "-")
             lines.append(
                 f"  {a:<12} {s['delivered_wh']:>7.1f} {s['share']:>6.3f} "
-                f"{_f(s['share_shortage'], '{:.3f}', '-'):>6} {t5050:>12} {fair_txt:>8} "
+                f"{_f(s['share_shortage'], '{:.3f}', '-'):>6} {t5050:>12} {alone:>12} {fair_txt:>8} "
                 f"{reuse_txt:>12} {s['over_breaker_as']:>9.1f} {s['over_limit_as']:>9.1f} "
                 f"{s['exposure_over_breaker_as']:>9.1f} {s['peak_a']:>7.1f}")
         first = next(iter(sc["allocators"].values()))
@@ -500,8 +582,15 @@ def table(results: dict) -> str:
     lines.append("fair s: mean over arrivals of the time until the new car draws its max-min "
                  "fair share -1 A and no car more than its share +1 A ('never' if one arrival "
                  "never gets there before the next event); 50/50 s: the same for the 2nd arrival")
+    lines.append("alone s (A): for a car arriving with no other car plugged in, time until it "
+                 "draws 90 % of the most it draws before the next event, and that most")
     lines.append("reuse s: after a taper, time until the cars draw 90 % of min(limit, what "
                  "they could draw)")
+    if "release_missing" in results:
+        lines.append(f"release ({results['release_rev']}) left out: {results['release_missing']}")
+    else:
+        lines.append(f"release: the allocator of {results['release_rev']}, the last commit "
+                     "before issue 11, in the same run")
     lines.append(">brk/>lim: amp-seconds of total draw above the breaker / the limit; expo: "
                  "sum of max(offered, drawn) above the breaker. Baselines: no decrease-before-"
                  "increase, no taper reuse, no restart caution (S6).")

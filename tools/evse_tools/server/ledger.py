@@ -130,7 +130,10 @@ class Member:
 
     ``assumed_a``: what a restarted server assumes it may draw until it
     reports (S6: max(last setpoint, offline current)). ``offline_a`` and
-    ``start_a`` are the values the charger is known to store. ``target_a`` and
+    ``start_a`` are the values the charger is known to store. ``inherited``:
+    what the previous server run may have left in force or in flight (S6),
+    until the charger acknowledges a setpoint of this run (its epoch check
+    then refuses anything older). ``target_a`` and
     ``binding`` are the allocator's latest decision and the constraint that
     bound it (S7)."""
 
@@ -144,6 +147,7 @@ class Member:
     sent: list[Sent] = field(default_factory=list)
     seen: list[Offer] = field(default_factory=list)
     acked: Sent | None = None
+    inherited: Sent | None = None
     online: bool = True
     removed_at: float | None = None
     target_a: float = 0.0
@@ -166,19 +170,27 @@ def connected(m: Member) -> bool:
     return m.report is not None and m.report.state in CONNECTED and not m.report.fault
 
 
+def _unacked(m: Member) -> list[Sent]:
+    """Setpoint messages that may still arrive: sent and not yet superseded
+    by an acknowledged one, and what a previous server run left in flight."""
+    a = m.acked
+    out = [s for s in m.sent if a is None or s.seq > a.seq]
+    if m.inherited is not None and a is None:
+        out.append(m.inherited)
+    return out
+
+
 def offline_possible(m: Member) -> float:
     """The offline current member ``m`` may have stored: what it last
     reported, or any higher value sent since that it has not acknowledged
     (its reports may be lost while it still receives), A."""
-    a = m.acked
-    return max([m.offline_a] + [s.offline_a for s in m.sent if a is None or s.seq > a.seq])
+    return max([m.offline_a] + [s.offline_a for s in _unacked(m)])
 
 
 def start_possible(m: Member) -> float:
     """The start current member ``m`` may have stored, as
     :func:`offline_possible`, A."""
-    a = m.acked
-    return max([m.start_a] + [s.start_a for s in m.sent if a is None or s.seq > a.seq])
+    return max([m.start_a] + [s.start_a for s in _unacked(m)])
 
 
 class Ledger:
@@ -197,10 +209,12 @@ class Ledger:
 
     def admit(self, m: Member, now: float, assume: bool = True) -> None:
         """Add member ``m``; with ``assume``, it may draw its ``assumed_a`` (at
-        least its offline current) until it reports and a window has passed."""
+        least its offline current), and store the offline and start currents
+        it has, until it acknowledges a setpoint of this run and a window has
+        passed (S6): messages of the previous run may still be in flight."""
         self.members[m.id] = m
         if assume:
-            m.seen.append(Offer(max(m.assumed_a, m.offline_a), now))
+            m.inherited = Sent(0, max(m.assumed_a, m.offline_a), m.offline_a, m.start_a, now)
 
     # -- what the charger says --------------------------------------------------
 
@@ -229,6 +243,8 @@ class Ledger:
                 for o in m.seen:
                     if o.ended is None:
                         o.ended = now
+                if m.inherited is not None and m.inherited.ended is None:
+                    m.inherited.ended = now
         # What the pilot offers now is an offer too (an old epoch's setpoint,
         # the offline current after a fallback, the start current).
         pilot = effective(report.pilot_a, m)
@@ -263,6 +279,8 @@ class Ledger:
         a = m.acked
         m.sent = [s for s in m.sent if not (gone(s.ended) and (a is None or s.seq < a.seq))]
         m.seen = [o for o in m.seen if not gone(o.ended)]
+        if m.inherited is not None and gone(m.inherited.ended):
+            m.inherited = None
 
     def _window_over(self, m: Member, ended: float, now: float) -> bool:
         """The EV's window after an offer that ended at ``ended`` is over, and
@@ -305,6 +323,9 @@ class Ledger:
         for o in m.seen:
             if o.ended is None or not self._window_over(m, o.ended, now):
                 best = max(best, o.amps)
+        h = m.inherited
+        if h is not None and (h.ended is None or not self._window_over(m, h.ended, now)):
+            best = max(best, effective(h.current_a, m))
         return best
 
     def base_a(self, m: Member, now: float) -> float:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from firmware import settings as fw_settings
 from firmware.limit import LimitArbiter
 from evse_tools.server.allocator import Allocator, GroupConfig, Member, Report
+from evse_tools.server.ledger import offline_possible, start_possible
 
 _PERIOD = 1 << 30
 
@@ -296,7 +297,8 @@ class VirtualGroup:
             last = o.last_sent()
             # What the service keeps in its database (S6): the last setpoint
             # and the ledger's worst case then.
-            ms.append(Member(i, c.store["unit_rating_a"], offline_a=o.offline_a, start_a=o.start_a,
+            ms.append(Member(i, c.store["unit_rating_a"], offline_a=offline_possible(o),
+                             start_a=start_possible(o),
                              assumed_a=max(o.offline_a, last.current_a if last else 0.0,
                                            old.worst_a(o, self.t))))
         self.allocator = Allocator(self.group, ms, self.epoch, self.t, restarted=True)
