@@ -13,7 +13,9 @@ At every 0.1 s step of virtual time:
   highest pilot offered to it in the last 5 s, or what it draws) stays
   within the breaker;
 - S1, the server: its own ledger (the worst case it budgets) stays within
-  the breaker;
+  the breaker, once a restarted server has heard from every member that is
+  not silent (until then S6 makes it assume each one's last setpoint, which
+  may add up past the breaker while it raises nobody);
 - S4: no setpoint lies strictly between 0 and 6 A, and no member is paused
   or resumed by rotation within a rotation period of its previous pause or
   resume, nor are two hand-overs closer than that;
@@ -86,6 +88,12 @@ RESTART_RIGHT_AFTER_A_DECREASE = [("arrive", 2, 16, 1.0), ("leave", 2), ("arrive
 RESTART_WITH_THE_LAST_RUNS_MESSAGES_IN_FLIGHT = [("leave", 0), ("leave", 0), ("arrive", 0, 16, 1.0),
                                                  ("limit", 0.5), ("flip", 30, 2, 1, 1.0),
                                                  ("server_restart",)]
+# A member silent (its reports lost) for longer than its lease when the
+# server restarts: the new run assumes its last setpoint (S6) and its ledger
+# goes past the breaker while it raises nobody; what the EVs may draw stays
+# within it.
+RESTART_WHILE_A_MEMBER_IS_SILENT = [("leave", 0), ("leave", 0), ("mute", 0), ("arrive", 0, 16, 1.0),
+                                    ("arrive", 0, 16, 1.0), ("wait", 27), ("server_restart",)]
 # The group limit set to 0 while cars charge and one plugs in and out.
 LIMIT_ZERO_DURING_FLIPS = [("arrive", 0, 48, 2.0), ("arrive", 1, 40, 4.0), ("wait", 10),
                            ("flip", 4, 3, 5, 5.0), ("limit", 0.0), ("wait", 10), ("limit", 1.0),
@@ -120,7 +128,8 @@ KEPT = [(20, 2, 16, 0, FAULT_CLEARS_WITH_OFFLINE_STORED),
         (50, 2, 40, 1, PLUG_FLIPS_WHILE_ANOTHER_CHARGES),
         (50, 3, 40, 2, LIMIT_ZERO_DURING_FLIPS),
         (20, 3, 16, 0, RESTART_RIGHT_AFTER_A_DECREASE),
-        (30, 5, 16, 642, RESTART_WITH_THE_LAST_RUNS_MESSAGES_IN_FLIGHT)]
+        (30, 5, 16, 642, RESTART_WITH_THE_LAST_RUNS_MESSAGES_IN_FLIGHT),
+        (30, 4, 16, 0, RESTART_WHILE_A_MEMBER_IS_SILENT)]
 
 
 def _with_kept_cases(test):

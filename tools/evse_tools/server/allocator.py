@@ -240,7 +240,8 @@ class Allocator:
             self._send(m, target, keep_off, keep_start, why, now, cmds)
             return
         fit = math.floor(min(target, m.unit_rating_a, room) + _EPS)
-        if (fit >= MIN_A and fit > cur
+        # An idle member's setpoint is its start current (C2): never a part of it.
+        if (why != IDLE and fit >= MIN_A and fit > cur
                 and led.projected_a(m, now, fit, keep_off, keep_start) <= room + _EPS):
             self._send(m, float(fit), keep_off, keep_start, BREAKER_TRANSIENT, now, cmds)
         else:
