@@ -14,7 +14,14 @@ DEVICE_PY := boot.py main.py $(wildcard firmware/*.py)
 # MicroPython's module path (it replaces the default, so .frozen stays first).
 FW_PATH := .frozen:$(CURDIR):$(CURDIR)/lib
 
-.PHONY: help sim charger test test-cpython test-mpy check lib venv clean bench faults flash deploy repl provision
+.PHONY: help sim charger test test-cpython test-mpy check lib venv clean bench faults flash deploy repl provision sysdeps
+
+# System packages: mosquitto (the broker of the tests and of make sim) and
+# Node.js (pyright runs on it). Installed with apt-get when missing and root,
+# else the exact command is printed and make stops.
+SYSDEPS := tools/setup/system-packages.sh
+sysdeps:
+	@$(SYSDEPS) mosquitto nodejs
 
 help:
 	@echo "make sim         the simulated load group (SCENARIO=garage|shortage|busy-day|gfci)"
@@ -47,13 +54,14 @@ $(UMQTT): lib/manifest.json | $(STAMP)
 # The main job: a simulated load group end to end (DESIGN.md §7).
 SCENARIO ?= garage
 sim: $(STAMP) $(UMQTT)
+	@$(SYSDEPS) mosquitto
 	$(BIN)/evse-sim $(SCENARIO) --out out
 
 # One charger on the unix port with its simulated board, and no server.
 charger: $(STAMP) $(UMQTT)
 	$(BIN)/evse-charger
 
-test: $(STAMP) $(UMQTT)
+test: $(STAMP) $(UMQTT) sysdeps
 	$(MAKE) --no-print-directory test-cpython
 	$(MAKE) --no-print-directory test-mpy
 	$(MAKE) --no-print-directory check
@@ -83,10 +91,12 @@ check: $(STAMP)
 
 # Benchmarks print figures; they are never timed assertions in tests.
 bench: $(STAMP) $(UMQTT)
+	@$(SYSDEPS) mosquitto
 	$(BIN)/python -m evse_tools.bench.run --out out/bench.json $(if $(QUICK),--quick,)
 
 # Fault injection end to end (issue 6): about 14 minutes; QUICK=1 about 4.
 faults: $(STAMP) $(UMQTT)
+	@$(SYSDEPS) mosquitto
 	$(BIN)/python -m evse_tools.faultsuite --out out/faults.json $(if $(QUICK),--quick,)
 
 clean:
