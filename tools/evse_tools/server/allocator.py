@@ -234,7 +234,8 @@ class Allocator:
         # currents it has (raising those needs room too), never below 6 A.
         keep_off, keep_start = self._kept(m, off, start)
         cur = effective(last.current_a, m) if last is not None else 0.0
-        if last is not None and effective(target, m) <= cur:
+        if (last is not None and effective(target, m) <= cur
+                and led.projected_a(m, now, target, keep_off, keep_start) <= led.worst_a(m, now) + _EPS):
             # The setpoint itself does not rise (only an offline or start
             # current would): it goes out, the rest waits for room.
             self._send(m, target, keep_off, keep_start, why, now, cmds)
@@ -266,6 +267,13 @@ class Allocator:
         keep = last.current_a if last is not None else (
             float(math.floor(min(r.pilot_a, m.unit_rating_a))) if r is not None else 0.0)
         keep_off, keep_start = self._kept(m, off, start)
+        led = self.ledger
+        if led.projected_a(m, now, keep, keep_off, keep_start) > led.worst_a(m, now) + _EPS:
+            # What it was last sent no longer counts (its car left, or its
+            # contactor opened on a fault): sending it again would be a raise
+            # without room (the deep property run: 54 A on 50 A). It gets its
+            # start current instead, which it already stores (C2).
+            keep = keep_start
         self._send(m, keep, keep_off, keep_start, why, now, cmds)
 
     def _send(self, m: Member, current: float, off: float, start: float, why: str, now: float,
