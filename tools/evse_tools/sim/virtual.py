@@ -271,6 +271,11 @@ class VirtualGroup:
         self.violations: list[str] = []
         self.peak_a = 0.0
         self.ledger_peak_a = 0.0
+        self.steps = 0
+        self.min_margin_a = float("inf")
+        """Smallest breaker - (what the chargers may draw) seen at a step, A."""
+        self.min_ledger_margin_a = float("inf")
+        """Smallest breaker - (the server's ledger) seen where it is checked, A."""
         self.check_ledger = False
         """Also hold the server's own ledger to the breaker (set it once the
         chargers have been provisioned: out of the box each stores 8 A)."""
@@ -332,6 +337,8 @@ class VirtualGroup:
         worst = sum(max(c.limit(), c.may_draw(self.t), c.ev.drawn_a if c.ev else 0.0)
                     for c in self.chargers.values())
         self.peak_a = max(self.peak_a, drawn)
+        self.steps += 1
+        self.min_margin_a = min(self.min_margin_a, self.group.breaker_a - worst)
         if drawn > self.group.limit_a + 1e-9:
             self.over_limit_s += dt
         if drawn > self.group.breaker_a + 1e-9:
@@ -349,6 +356,8 @@ class VirtualGroup:
             # member it cannot count as silent has reported.
             a = self.allocator
             unknown = any(m.report is None and not a.silent(m, self.t) for m in a.members.values())
+            if self.check_ledger and not unknown:
+                self.min_ledger_margin_a = min(self.min_ledger_margin_a, self.group.breaker_a - ledger)
             if self.check_ledger and not unknown and ledger > self.group.breaker_a + 1e-9:
                 self.violations.append("t=%.1f the server's ledger says %.1f A > breaker %.0f A"
                                        % (self.t, ledger, self.group.breaker_a))
