@@ -180,3 +180,67 @@ def test_a_decrease_is_not_confirmed_by_a_drop_that_answers_an_earlier_one():
     a.on_report("x", Report("C", 20.0, 20.0, ack_seq=x.last_sent().seq, ack_epoch=1,
                             offline_a=8, start_a=8), 3.2 + FOLLOW_S + 0.2)
     assert a.worst_a(x, 3.2 + FOLLOW_S + 0.3) == 20
+
+
+# -- found by an adversarial review of the new ledger (issue 11 session) -------
+
+def test_a_charger_back_from_a_network_outage_is_not_raised_back_for_free():
+    """Its link was down for 40 s: it ran on its 8 A offline current while
+    the other car was raised. When it came back, its old 20 A setpoint was
+    counted again and re-sent as if nothing rose: 52 A on a 50 A breaker."""
+    g = VirtualGroup(GARAGE, {"a": 40.0, "b": 40.0}, seed=1, on_change=True)
+    g.run(5.0)
+    g.check_ledger = True
+    g.chargers["a"].plug(VirtualEv(max_a=48, delay_s=1.0))
+    g.chargers["b"].plug(VirtualEv(max_a=48, delay_s=5.0))
+    g.run(20.0)
+    g.bus.mute.add("a")
+    g.bus.deaf.add("a")
+    g.run(40.0)
+    assert g.chargers["a"].limit() == 8.0 and g.chargers["b"].limit() == 32.0
+    g.bus.mute.discard("a")
+    g.bus.deaf.discard("a")
+    g.run(30.0)
+    assert not g.violations and g.over_breaker_s == 0
+    assert g.chargers["a"].limit() + g.chargers["b"].limit() == 40.0
+
+
+def test_a_replug_between_two_reports_is_counted_at_its_old_start_current():
+    """A paused car unplugged and plugged in again between two reports starts
+    on its stored 8 A start current, which the server was just lowering to
+    0; the acknowledged 0 made that 8 A vanish from the ledger at once and the
+    next car was raised into it: 24 A on a 20 A breaker."""
+    g = VirtualGroup(GroupConfig("s", 20, 16, t_wd_s=10, rotate_s=20.0),
+                     {"a": 16.0, "b": 16.0, "c": 16.0}, seed=6, on_change=False)
+    g.run(5.0)
+    g.check_ledger = True
+    for cid in "abc":
+        g.chargers[cid].plug(VirtualEv(max_a=32, delay_s=2.0))
+        g.run(0.5)
+    g.run(33.3 - g.t)
+    g.chargers["a"].unplug()
+    g.step(0.1)
+    g.chargers["a"].plug(VirtualEv(max_a=32, delay_s=5.0))
+    g.run(15.0)
+    assert not g.violations and g.over_breaker_s == 0
+
+
+def test_a_removed_charger_that_never_heard_of_it_stays_in_the_ledger():
+    """The installer removed a charger whose link was down: it still ran on
+    its offline current, but the server forgot it after T_wd and gave its
+    share away: 32 A on a 30 A breaker."""
+    g = VirtualGroup(GroupConfig("g", 30, 24, t_wd_s=10), {"a": 24.0, "b": 24.0, "c": 24.0},
+                     seed=3, on_change=True)
+    g.run(5.0)
+    g.check_ledger = True
+    for cid in "abc":
+        g.chargers[cid].plug(VirtualEv(max_a=32, delay_s=2.0))
+    g.run(20.0)
+    g.bus.deaf.add("a")
+    g.bus.mute.add("a")
+    g.allocator.remove("a", g.t)
+    for _ in range(600):
+        g.step(0.1)
+        g.allocator.expire_removed(g.t)
+    assert "a" in g.allocator.members
+    assert not g.violations and g.over_breaker_s == 0

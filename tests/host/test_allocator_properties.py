@@ -101,6 +101,15 @@ RESTART_WHILE_A_MEMBER_IS_SILENT = [("leave", 0), ("leave", 0), ("mute", 0), ("a
 # the ledger had rightly stopped counting that 6 A, so the renewal was a
 # raise without room: 54 A on a 50 A breaker.
 HELD_RENEWAL_AFTER_THE_CAR_LEFT = [("fault", 1, 3), ("arrive", 0, 16, 1.0), ("flip", 18, 4, 14, 1.0)]
+# Found by the deep run after the review's fixes: a member whose reports
+# were lost came back after its lease had run out (on its 6 A offline
+# current) and was counted at the 8 A start current its session had begun
+# on long before, and at its stored 8 A start current although only a message
+# (carrying its own start current) can renew its lease; the same after a
+# restart. The ledger said 32 A on a 30 A breaker.
+BACK_FROM_SILENCE_ON_THE_OFFLINE_CURRENT = [("mute", 0), ("arrive", 0, 16, 1.0),
+                                            ("arrive", 0, 16, 1.0), ("wait", 28), ("heal", 0)]
+SILENT_THROUGH_A_RESTART = [("mute", 0), ("server_restart",), ("wait", 19), ("heal", 0)]
 # The group limit set to 0 while cars charge and one plugs in and out.
 LIMIT_ZERO_DURING_FLIPS = [("arrive", 0, 48, 2.0), ("arrive", 1, 40, 4.0), ("wait", 10),
                            ("flip", 4, 3, 5, 5.0), ("limit", 0.0), ("wait", 10), ("limit", 1.0),
@@ -137,7 +146,9 @@ KEPT = [(20, 2, [16] * 5, 0, FAULT_CLEARS_WITH_OFFLINE_STORED),
         (20, 3, [16] * 5, 0, RESTART_RIGHT_AFTER_A_DECREASE),
         (30, 5, [16] * 5, 642, RESTART_WITH_THE_LAST_RUNS_MESSAGES_IN_FLIGHT),
         (30, 4, [16] * 5, 0, RESTART_WHILE_A_MEMBER_IS_SILENT),
-        (50, 5, [24, 16, 16, 16, 24], 0, HELD_RENEWAL_AFTER_THE_CAR_LEFT)]
+        (50, 5, [24, 16, 16, 16, 24], 0, HELD_RENEWAL_AFTER_THE_CAR_LEFT),
+        (30, 4, [16] * 5, 0, BACK_FROM_SILENCE_ON_THE_OFFLINE_CURRENT),
+        (30, 4, [16] * 5, 0, SILENT_THROUGH_A_RESTART)]
 
 
 def _with_kept_cases(test):

@@ -86,7 +86,10 @@ class Allocator:
         self._seq = seq_counter if seq_counter is not None else [0]
         self.started_at = now
         self.restarted = restarted
-        self._decreased_at: dict[str, float] = {}
+        # A restarted server does not know what the last run lowered: no
+        # raise within the EV's window of its start (damping, as after a
+        # decrease).
+        self._decreased_at: dict[str, float] = {m.id: now for m in members} if restarted else {}
 
     @property
     def group(self) -> GroupConfig:
@@ -136,8 +139,14 @@ class Allocator:
 
     def expire_removed(self, now: float) -> list[str]:
         """Drop removed members whose leases have run out; return their ids."""
+        # Only once it can draw nothing: it has stored offline and start 0
+        # and nothing it was offered can still be followed. A charger that
+        # never heard of its removal still sits on the breaker with its
+        # offline current, so it stays counted (the review: forgetting it
+        # after T_wd put 32 A on a 30 A breaker).
         gone = [m.id for m in self.members.values() if m.removed_at is not None
-                and now - m.removed_at > self.ledger.t_wd(m) + FOLLOW_S + MARGIN_S]
+                and now - m.removed_at > self.ledger.t_wd(m) + FOLLOW_S + MARGIN_S
+                and self.ledger.worst_a(m, now) == 0]
         for mid in gone:
             del self.members[mid]
             self.planner.forget(mid)
@@ -222,7 +231,7 @@ class Allocator:
             self._hold(m, off, start, RESTART, now, cmds)
             return
         last = m.last_sent()
-        if (last is not None and effective(target, m) > effective(last.current_a, m)
+        if (effective(target, m) > (effective(last.current_a, m) if last is not None else 0.0)
                 and now - self._decreased_at.get(m.id, -1e18) < FOLLOW_S):
             self._hold(m, off, start, EV_RESPONSE, now, cmds)
             return
@@ -268,12 +277,15 @@ class Allocator:
             float(math.floor(min(r.pilot_a, m.unit_rating_a))) if r is not None else 0.0)
         keep_off, keep_start = self._kept(m, off, start)
         led = self.ledger
-        if led.projected_a(m, now, keep, keep_off, keep_start) > led.worst_a(m, now) + _EPS:
-            # What it was last sent no longer counts (its car left, or its
-            # contactor opened on a fault): sending it again would be a raise
-            # without room (the deep property run: 54 A on 50 A). It gets its
-            # start current instead, which it already stores (C2).
-            keep = keep_start
+        w = led.worst_a(m, now)
+        if led.projected_a(m, now, keep, keep_off, keep_start) > w + _EPS:
+            # The message itself would raise its worst case: what it was last
+            # sent no longer counts (its car left, its contactor opened on a
+            # fault), or its lease ran out and a message renews it (its start
+            # current counts again). Send nothing above what is counted (the
+            # deep property run: 54 A on 50 A; 32 A on 30 A).
+            keep = keep if effective(keep, m) <= w + _EPS else (float(math.floor(w)) if w >= MIN_A else 0.0)
+            keep_start = keep_start if keep_start <= w + _EPS else (float(MIN_A) if w >= MIN_A else 0.0)
         self._send(m, keep, keep_off, keep_start, why, now, cmds)
 
     def _send(self, m: Member, current: float, off: float, start: float, why: str, now: float,

@@ -57,6 +57,8 @@ MARGIN_S = 5.0
 STALE_S = 11.0
 """A member silent this long (two 5 s report periods and a margin) gets no
 more setpoints, so that its lease can run out (S1), s."""
+UNACKED_KEPT = 64
+"""Setpoints kept for a member that does not acknowledge them (folded, never dropped)."""
 CONNECTED = ("B", "C", "D")
 """States with a car connected (J1772)."""
 _VOID = -1e18
@@ -222,16 +224,41 @@ class Ledger:
         """Take member ``m``'s state message, received at ``now`` (s)."""
         prev = m.report
         start_before = start_possible(m)
+        off_before = offline_possible(m)
+        back = self.silent(m, now)   # also silent since a restart: its old lease is over
+        if back:
+            # Back from silence: nothing was sent to it for T_wd + the EV's
+            # window + a margin, so its lease ran out and it has been on its
+            # offline current, which the report's pilot shows. Its old
+            # setpoints are over; counting them again would make a raise back
+            # to them look free (the review: 52 A on a 50 A breaker). They
+            # are forgotten, in flight or not: sessions are clean, so a
+            # message sent before the silence is delivered by then or never.
+            m.sent = []
+            for o in m.seen:
+                o.ended = _VOID
+            m.inherited = None
         m.report = report
         m.reported_at = now
         if report.offline_a is not None:
             m.offline_a = report.offline_a
         if report.start_a is not None:
             m.start_a = report.start_a
+        # A lower start or offline current now stored may have been in force
+        # unseen (a car unplugged and plugged in again between two reports
+        # starts on the old start current; a lease that ran out between them
+        # offered the old offline current): its EV may follow that for a
+        # window (the review: 24 A on a 20 A breaker).
+        lost = max(start_before - start_possible(m), off_before - offline_possible(m))
+        if lost > 0:
+            m.seen.append(Offer(max(start_before, off_before), now, ended=now))
         was_on = prev is not None and prev.state in CONNECTED and not prev.fault
-        if connected(m) and not was_on:
+        if connected(m) and not was_on and not back:
             # A session began on the start current before this report said
             # so; the EV may follow that for a window after it was replaced.
+            # (Back from silence, whatever it was offered while its lease
+            # held ended at least the EV's window ago; its pilot shows what
+            # it offers now.)
             m.seen.append(Offer(max(start_before, start_possible(m)), now, ended=now))
         if report.ack_epoch == self.epoch and report.ack_seq is not None:
             acked = next((s for s in m.sent if s.seq == report.ack_seq), None)
@@ -267,8 +294,18 @@ class Ledger:
         self._prune(m, now)
 
     def on_sent(self, m: Member, sent: Sent) -> None:
-        """Record a setpoint sent to ``m``: it counts at once."""
+        """Record a setpoint sent to ``m``: it counts at once. A member that
+        never acknowledges keeps at most ``UNACKED_KEPT`` of them: the two
+        oldest are folded into one that keeps the higher currents."""
         m.sent.append(sent)
+        a = m.acked
+        unacked = [s for s in m.sent if a is None or s.seq > a.seq]
+        if len(unacked) > UNACKED_KEPT:
+            x, y = unacked[0], unacked[1]
+            y.current_a = max(x.current_a, y.current_a)
+            y.offline_a = max(x.offline_a, y.offline_a)
+            y.start_a = max(x.start_a, y.start_a)
+            m.sent.remove(x)
 
     def _prune(self, m: Member, now: float) -> None:
         """Forget offers nobody can follow any more (ended, and a report came
@@ -351,7 +388,16 @@ class Ledger:
         breaker from a charging member's 8 A start current)."""
         if self.silent(m, now):
             return offline_possible(m)
-        return max(self.base_a(m, now), start_possible(m))
+        start = start_possible(m)
+        r = m.report
+        if r is not None and r.limit_by == "offline":
+            # Its lease has run out: a new session starts on min(offline,
+            # start) (firmware/limit.py), which the offline current already
+            # counts. Only a message renews the lease, and every message
+            # carries the start current it stores, so the stored one counts
+            # no more than that.
+            start = max([min(m.start_a, offline_possible(m))] + [x.start_a for x in _unacked(m)])
+        return max(self.base_a(m, now), start)
 
     def total_a(self, now: float) -> float:
         """Sum of the members' worst cases, A (S1: at most the breaker)."""

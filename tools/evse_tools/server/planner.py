@@ -320,23 +320,23 @@ class Planner:
         """S3: the start current of every member.
 
         Every member's start current counts against the breaker (a car may
-        plug in, or be plugged in again, at any moment). Each member's
-        reserve without it is the larger of what the ledger counts for it
-        anyway, its planned setpoint and its planned offline current; the
-        breaker's headroom beside all reserves is then handed out as start
+        plug in, or be plugged in again, at any moment). This is planned for
+        the steady state the plan aims at, not for the transients on the way
+        (the ledger's room check holds those): each member's reserve is the
+        larger of its planned setpoint and its planned offline current, and
+        the breaker's headroom beside all reserves is handed out as start
         currents, idle members first (a car is likeliest to arrive there):
         8 A where it fits, else 6 A, else 0 ("wait for an allocation"). A
         start current at or below a member's reserve costs nothing and is
-        never lowered. Recomputed every round, so a start current lowered
-        to make room for a raise comes back when that raise is no longer
-        needed. Faulted and removed members get 0, so that a retry waits
-        for the server; a limit of 0 gives everyone 0."""
+        never lowered. Planning on transients would flip a start current
+        between 8 and 0 as windows open and close, and every lowering opens
+        a new window. Faulted and removed members get 0, so that a retry
+        waits for the server; a limit of 0 gives everyone 0."""
         g = self.group
         reserve = {}
         for m in ledger.members.values():
             a = targets.get(m.id, (0.0, IDLE))[0]
-            reserve[m.id] = max(ledger.base_a(m, now), min(a, m.unit_rating_a),
-                                offline.get(m.id, 0.0))
+            reserve[m.id] = max(min(a, m.unit_rating_a), offline.get(m.id, 0.0))
         headroom = g.breaker_a - sum(reserve.values())
         out: dict[str, float] = {}
         order = sorted(ledger.members.values(), key=lambda m: (m.id in targets, m.id))

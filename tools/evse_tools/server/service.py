@@ -24,6 +24,7 @@ import time
 import paho.mqtt.client as mqtt
 
 from evse_tools.server.allocator import Allocator, GroupConfig, Member, Report, ROTATE_S
+from evse_tools.server.ledger import offline_possible, start_possible
 from evse_tools.server import secure
 from evse_tools.server.db import GroupStore
 
@@ -267,8 +268,12 @@ class Service:
                 m = alloc.members[cmd.member]
                 self.out(f"set {cmd.member} {cmd.current_a:g} A ({m.binding}) offline "
                          f"{cmd.offline_a:g} A start {cmd.start_a:g} A seq {cmd.seq}")
+                # The database keeps the highest offline and start currents
+                # the charger may store (sent, or stored and not yet
+                # replaced): a restarted server must not take an unacknowledged
+                # lower one as stored (the review: 32 A on a 30 A breaker).
                 sent.append((cmd.member, cmd.current_a, cmd.seq, cmd.epoch, wall,
-                             cmd.offline_a, cmd.start_a, alloc.worst_a(m, now)))
+                             offline_possible(m), start_possible(m), alloc.worst_a(m, now)))
         if sent:
             # One transaction for the round. A member removed from the database
             # meanwhile is skipped: the ledger keeps it until its lease ends.
