@@ -125,19 +125,26 @@ def test_group_limit_zero_pauses_every_car_and_every_fallback():
     assert not g.violations
 
 
+def _three_cars_on_a_16a_limit(rotate_s, on_change):
+    """A shortage (S4): three 16 A chargers on a 20 A breaker, a car plugged
+    into each half a second apart; only two can have 6 A at once."""
+    g = VirtualGroup(GroupConfig("s", 20, 16, t_wd_s=10, rotate_s=rotate_s),
+                     {"a": 16.0, "b": 16.0, "c": 16.0}, seed=6, on_change=on_change)
+    g.run(5.0)
+    g.check_ledger = True
+    for cid in "abc":
+        g.chargers[cid].plug(VirtualEv(max_a=32, delay_s=2.0))
+        g.run(0.5)
+    return g
+
+
 def test_rotation_never_pauses_and_resumes_a_car_within_a_rotation_period():
     """Finding 4: with three cars on a 16 A limit, each rotation paused a
     member and resumed it one round later while pausing another instead, so
     a car stopped and restarted at once (S4: no member is paused or resumed
     more than once per rotation period)."""
     rotate = 20.0
-    g = VirtualGroup(GroupConfig("s", 20, 16, t_wd_s=10, rotate_s=rotate),
-                     {"a": 16.0, "b": 16.0, "c": 16.0}, seed=6, on_change=True)
-    g.run(5.0)
-    g.check_ledger = True
-    for cid in "abc":
-        g.chargers[cid].plug(VirtualEv(max_a=32, delay_s=2.0))
-        g.run(0.5)
+    g = _three_cars_on_a_16a_limit(rotate, on_change=True)
     changes = {cid: [] for cid in "abc"}       # (t, charging?) as the charger offers it
     drawn = []
     for _ in range(1200):                      # 120 s: six rotation periods
@@ -210,13 +217,7 @@ def test_a_replug_between_two_reports_is_counted_at_its_old_start_current():
     on its stored 8 A start current, which the server was just lowering to
     0; the acknowledged 0 made that 8 A vanish from the ledger at once and the
     next car was raised into it: 24 A on a 20 A breaker."""
-    g = VirtualGroup(GroupConfig("s", 20, 16, t_wd_s=10, rotate_s=20.0),
-                     {"a": 16.0, "b": 16.0, "c": 16.0}, seed=6, on_change=False)
-    g.run(5.0)
-    g.check_ledger = True
-    for cid in "abc":
-        g.chargers[cid].plug(VirtualEv(max_a=32, delay_s=2.0))
-        g.run(0.5)
+    g = _three_cars_on_a_16a_limit(20.0, on_change=False)
     g.run(33.3 - g.t)
     g.chargers["a"].unplug()
     g.step(0.1)
