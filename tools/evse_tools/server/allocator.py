@@ -273,9 +273,13 @@ class Allocator:
         r = m.report
         # Nothing sent yet in this epoch (a restarted server): keep what the
         # charger offers now, which the ledger already counts; never pause it.
-        keep = last.current_a if last is not None else (
-            float(math.floor(min(r.pilot_a, m.unit_rating_a))) if r is not None else 0.0)
         keep_off, keep_start = self._kept(m, off, start)
+        if last is not None:
+            keep = last.current_a
+        elif r is not None and r.state in CONNECTED:
+            keep = float(math.floor(min(r.pilot_a, m.unit_rating_a)))
+        else:
+            keep = keep_start      # idle: its setpoint is its start current (C2)
         led = self.ledger
         w = led.worst_a(m, now)
         if led.projected_a(m, now, keep, keep_off, keep_start) > w + _EPS:

@@ -189,6 +189,17 @@ def offline_possible(m: Member) -> float:
     return max([m.offline_a] + [s.offline_a for s in _unacked(m)])
 
 
+def _start_term(m: Member) -> float:
+    """The start current a new session on member ``m`` may begin with, A.
+    While its lease has run out (its report says ``offline``), a new session
+    starts on min(offline, start) (firmware/limit.py), and only a message
+    renews the lease, each carrying the start current it stores."""
+    r = m.report
+    if r is not None and r.limit_by == "offline":
+        return max([min(m.start_a, offline_possible(m))] + [x.start_a for x in _unacked(m)])
+    return start_possible(m)
+
+
 def start_possible(m: Member) -> float:
     """The start current member ``m`` may have stored, as
     :func:`offline_possible`, A."""
@@ -223,7 +234,7 @@ class Ledger:
     def on_report(self, m: Member, report: Report, now: float) -> None:
         """Take member ``m``'s state message, received at ``now`` (s)."""
         prev = m.report
-        start_before = start_possible(m)
+        start_before = _start_term(m)
         off_before = offline_possible(m)
         back = self.silent(m, now)   # also silent since a restart: its old lease is over
         if back:
@@ -249,8 +260,8 @@ class Ledger:
         # starts on the old start current; a lease that ran out between them
         # offered the old offline current): its EV may follow that for a
         # window (the review: 24 A on a 20 A breaker).
-        lost = max(start_before - start_possible(m), off_before - offline_possible(m))
-        if lost > 0:
+        lost = max(start_before - _start_term(m), off_before - offline_possible(m))
+        if lost > 0 and not back:
             m.seen.append(Offer(max(start_before, off_before), now, ended=now))
         was_on = prev is not None and prev.state in CONNECTED and not prev.fault
         if connected(m) and not was_on and not back:
@@ -388,16 +399,7 @@ class Ledger:
         breaker from a charging member's 8 A start current)."""
         if self.silent(m, now):
             return offline_possible(m)
-        start = start_possible(m)
-        r = m.report
-        if r is not None and r.limit_by == "offline":
-            # Its lease has run out: a new session starts on min(offline,
-            # start) (firmware/limit.py), which the offline current already
-            # counts. Only a message renews the lease, and every message
-            # carries the start current it stores, so the stored one counts
-            # no more than that.
-            start = max([min(m.start_a, offline_possible(m))] + [x.start_a for x in _unacked(m)])
-        return max(self.base_a(m, now), start)
+        return max(self.base_a(m, now), _start_term(m))
 
     def total_a(self, now: float) -> float:
         """Sum of the members' worst cases, A (S1: at most the breaker)."""
