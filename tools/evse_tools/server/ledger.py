@@ -34,7 +34,6 @@ room a member has (:meth:`Ledger.room_for`); it never sums worst cases itself.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 MIN_A = 6
@@ -419,7 +418,3 @@ class Ledger:
         like a setpoint, and so does a start current."""
         return max(self.worst_a(m, now), effective(current_a, m), offline_a, start_a)
 
-
-def floor_amps(x: float) -> float:
-    """Whole amperes, rounded down (setpoints are whole amps), A."""
-    return float(math.floor(x + 1e-9))
