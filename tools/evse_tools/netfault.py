@@ -93,23 +93,29 @@ class _MqttTap:
 
 def _connect_keepalive(buf: bytes | bytearray) -> int | None:
     """The keepalive (s) of the MQTT CONNECT at the start of ``buf``, or None
-    while the packet is incomplete (-1: not a CONNECT)."""
+    while the packet is incomplete (-1: not a CONNECT). Decided only once the
+    whole packet has arrived."""
     if len(buf) < 2:
         return None
     if buf[0] >> 4 != 1:
         return -1
-    i = 1
-    while buf[i] & 0x80:
-        i += 1
+    i, size, shift = 1, 0, 0
+    while True:                            # remaining length (MQTT 3.1.1 §2.2.3)
         if i >= len(buf):
             return None
-    i += 1
-    if len(buf) < i + 2:
+        size |= (buf[i] & 0x7F) << shift
+        shift += 7
+        i += 1
+        if not buf[i - 1] & 0x80:
+            break
+    # The whole packet, not just its keepalive: a socket closed with the rest
+    # of the CONNECT unread sends RST, and the client may lose the CONNACK.
+    if len(buf) < i + size:
         return None
-    n = buf[i] << 8 | buf[i + 1]          # protocol name length ("MQTT": 4)
+    n = buf[i] << 8 | buf[i + 1] if size >= 2 else 0   # protocol name length ("MQTT": 4)
     at = i + 2 + n + 2                     # + protocol level + connect flags
-    if len(buf) < at + 2:
-        return None
+    if at + 2 > i + size:
+        return -1                          # too short for a CONNECT
     return buf[at] << 8 | buf[at + 1]
 
 
