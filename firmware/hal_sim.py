@@ -232,6 +232,8 @@ class UdpControl:
     * ``{"cmd": "mem", "collect": true}``: answers ``{"mem_alloc": ...,
       "mem_free": ...}`` (bytes, after ``gc.collect()`` unless ``collect`` is
       false), for benchmarks.
+    * ``{"cmd": "code"}``: answers ``{"code": ...}``, where the running
+      firmware came from (:func:`code_origin`).
 
     Every command is answered: ``{"ok": true}`` (``{"ok": false}`` for a
     refused setpoint) or ``{"error": "..."}``; a bad command changes nothing. Telemetry (``{"t_ms": ..., "state": ..., ...}``, the
@@ -333,6 +335,8 @@ class UdpControl:
                 if msg.get("collect", True):
                     gc.collect()
                 return {"mem_alloc": gc.mem_alloc(), "mem_free": gc.mem_free()}
+            elif cmd == "code":
+                return {"code": code_origin()}
             elif cmd == "hang":
                 self._send({"ok": True}, addr)
                 while True:    # the control loop hangs here: only the watchdog ends it
@@ -369,3 +373,17 @@ class UdpControl:
         st["ev"] = ev.name if ev else None
         for addr in self._watchers:
             self._send(st, addr)
+
+
+def code_origin():
+    """Where the running firmware was imported from: ``"frozen"`` (the
+    image's modules) or the path of ``firmware/app`` on the filesystem (an
+    OTA slot, or a ``firmware/`` folder on the root that shadows the image)."""
+    import os
+    from firmware import app
+    path = app.__file__
+    try:
+        os.stat(path)
+    except OSError:
+        return "frozen"
+    return path

@@ -108,15 +108,16 @@ class _BoundedSocket:
     so each handshake read is bounded too.
     """
 
-    def __init__(self, sockmod, timeout_ms, framer, tls_wrap):
+    def __init__(self, sockmod, timeout_ms, framer, tls_wrap, clock, poller):
         self._sockmod = sockmod
         self._raw = sockmod.socket()
         self._s = self._raw
         self._timeout_ms = timeout_ms
         self._framer = framer
         self._tls_wrap = tls_wrap
+        self._clock = clock
         self._nonblocking = False
-        self._poll = select.poll()
+        self._poll = poller()
 
     def connect(self, addr):
         self._raw.settimeout(self._timeout_ms / 1000)
@@ -135,13 +136,22 @@ class _BoundedSocket:
     def setblocking(self, flag):
         self._nonblocking = not flag
 
+    def settimeout(self, timeout):
+        """umqtt.simple 1.7.0 (the one frozen into the v1.28.0 image) calls
+        ``settimeout(None)`` before it connects. None ("blocking") keeps every
+        wait bounded by ``timeout_ms``; 0 is ``setblocking(False)``; a number
+        of seconds can only shorten the bound, never lengthen it."""
+        self._nonblocking = timeout == 0
+        if timeout:
+            self._timeout_ms = min(self._timeout_ms, int(timeout * 1000))
+
     def _deadline(self):
-        return time.ticks_add(time.ticks_ms(), self._timeout_ms)
+        return self._clock.ticks_add(self._clock.ticks_ms(), self._timeout_ms)
 
     def _wait(self, deadline, event):
         """Wait until the TCP socket is ready for ``event`` (select.POLLIN or
         POLLOUT) or ``deadline`` (ticks_ms) passes; OSError(110) after it."""
-        left = time.ticks_diff(deadline, time.ticks_ms())
+        left = self._clock.ticks_diff(deadline, self._clock.ticks_ms())
         if left <= 0:
             raise OSError(110, "timeout")
         self._poll.modify(self._raw, event)
@@ -176,6 +186,8 @@ class _BoundedSocket:
         return buf
 
     def write(self, data, length=None):
+        if type(data) is str:      # umqtt passes the client id and topics as given
+            data = data.encode()
         if length is not None:
             data = memoryview(data)[:length]
         deadline = self._deadline()
@@ -208,17 +220,22 @@ class _BoundedSocket:
 
 
 class _SocketModule:
-    """Stands in for the ``socket`` module inside umqtt.simple."""
+    """Stands in for the ``socket`` module inside umqtt.simple. ``sockmod``
+    and ``poller`` are the real ``socket`` module and ``select.poll`` unless a
+    test passes fakes that hold a broker's bytes."""
 
-    def __init__(self, link):
-        import socket
-        self._socket = socket
+    def __init__(self, link, sockmod=None, poller=None):
+        if sockmod is None:
+            import socket as sockmod
+        self._socket = sockmod
+        self._poller = poller or select.poll
         self._link = link
 
     def socket(self, *args):
         link = self._link
         link.framer = _Framer()
-        s = _BoundedSocket(self._socket, link.io_timeout_ms, link.framer, link.tls_wrap)
+        s = _BoundedSocket(self._socket, link.io_timeout_ms, link.framer, link.tls_wrap,
+                           link.clock, self._poller)
         link.sock = s
         return s
 
@@ -507,12 +524,15 @@ def tls_wrapper(cas, host):
     return wrap
 
 
-def umqtt_factory(link):
+def umqtt_factory(link, sockmod=None, poller=None):
     """Return a ``client_factory`` building umqtt.simple clients whose socket
-    calls are bounded by ``link.io_timeout_ms`` (see :class:`_SocketModule`)."""
+    calls are bounded by ``link.io_timeout_ms`` (see :class:`_SocketModule`;
+    ``sockmod`` and ``poller`` replace ``socket`` and ``select.poll`` in tests).
+    Written for umqtt.simple 1.7.0, the version frozen into the MicroPython
+    v1.28.0 ESP32 image (``lib/manifest.json`` pins the same file)."""
     from umqtt import simple
 
-    setattr(simple, "socket", _SocketModule(link))  # umqtt's sockets become bounded
+    setattr(simple, "socket", _SocketModule(link, sockmod, poller))  # bounded sockets
 
     def make(client_id, host, port, user, password, keepalive):
         return simple.MQTTClient(client_id, host, port, user, password, keepalive)

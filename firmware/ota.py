@@ -6,7 +6,7 @@ The server's ``cmd`` ``{"v": 1, "cmd": "ota", "url": "http://host:port/b/",
 built and signed by ``evse-ota build``). The :class:`Updater`:
 
 1. waits while a car is charging (state C): an update never starts then;
-2. downloads on a thread of its own, in chunks of 4 KB with a 5 s timeout
+2. downloads on a thread of its own, in chunks of 1 KB with a 5 s timeout
    on every socket call, so the control loop never waits on it (C4);
 3. verifies the manifest's RSA signature against ``ota_key.json`` stored on
    the charger, refuses anything not newer than the running version, and
@@ -26,10 +26,14 @@ rolls back (:func:`firmware.otaboot.select`).
 """
 import _thread
 
-from firmware import otaboot, ota_verify, store
+from firmware import otaboot, store
 
-CHUNK = 4096
-"""Download chunk, bytes."""
+# ota_verify (RSA, SHA-256, the manifest parser) is imported where an update
+# runs, never at boot: from an OTA slot every module's bytecode is in RAM.
+
+CHUNK = 1024
+"""Download chunk, bytes: each is one allocation, and on a 48 KB heap a
+fragmented heap may not hold a 4 KB block (issue 12)."""
 TIMEOUT_S = 5
 """Bound on every socket call of a download, s."""
 MAX_MANIFEST = 16384
@@ -54,8 +58,14 @@ def _parse_url(url):
 
 def http_get(url, start=None, end=None, limit=MAX_MANIFEST, timeout_s=TIMEOUT_S):
     """GET ``url`` (bytes ``start``..``end`` inclusive when given); return the
-    body. Every socket call is bounded by ``timeout_s``; raises OSError or
-    ValueError on any failure, and for a body over ``limit`` bytes."""
+    body (bytes or bytearray). Every socket call is bounded by ``timeout_s``;
+    raises OSError or ValueError on any failure, and for a body over
+    ``limit`` bytes.
+
+    The body is read into one buffer of the size the server announces
+    (``Content-Length``), never grown piece by piece: on a 48 KB heap the
+    copies of a growing ``bytes`` fragment it until a 3 KB chunk no longer
+    fits (issue 12)."""
     import socket
     host, port, path = _parse_url(url)
     s = socket.socket()
@@ -66,24 +76,38 @@ def http_get(url, start=None, end=None, limit=MAX_MANIFEST, timeout_s=TIMEOUT_S)
         if start is not None:
             head += "Range: bytes=%d-%d\r\n" % (start, end)
         s.write((head + "\r\n").encode())
-        data = b""
-        while True:
-            got = s.read(1024)
-            if not got:
+        status = s.readline().split()
+        if len(status) < 2 or status[1] not in (b"200", b"206"):
+            raise ValueError("HTTP status %s" % (status[1:2] or [b"?"])[0].decode())
+        length = None
+        for _ in range(32):                  # a bounded header
+            line = s.readline()
+            if not line:
+                raise ValueError("no HTTP header")
+            if line in (b"\r\n", b"\n"):
                 break
-            data += got
-            if len(data) > limit + 1024:
-                raise ValueError("response longer than %d bytes" % limit)
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                try:
+                    length = int(value.strip())
+                except ValueError:
+                    raise ValueError("bad Content-Length")
+        else:
+            raise ValueError("HTTP header too long")
+        if length is None:
+            raise ValueError("no Content-Length")
+        if not 0 <= length <= limit:
+            raise ValueError("response longer than %d bytes" % limit)
+        body = bytearray(length)
+        view = memoryview(body)
+        got = 0
+        while got < length:
+            n = s.readinto(view[got:])
+            if not n:
+                raise ValueError("response ended at %d of %d bytes" % (got, length))
+            got += n
     finally:
         s.close()
-    header, sep, body = data.partition(b"\r\n\r\n")
-    if not sep:
-        raise ValueError("no HTTP header")
-    status = header.split(b"\r\n", 1)[0].split()
-    if len(status) < 2 or status[1] not in (b"200", b"206"):
-        raise ValueError("HTTP status %s" % (status[1:2] or [b"?"])[0].decode())
-    if len(body) > limit:
-        raise ValueError("response longer than %d bytes" % limit)
     return body
 
 
@@ -116,6 +140,7 @@ def install(root, manifest, fetch, current, key, fs=store.FS, progress=None):
     Raises ValueError (refused: bad signature, not newer, a hash or size
     mismatch) or OSError (download or flash failure); either way nothing is
     switched and the running slot is untouched."""
+    from firmware import ota_verify
     body = ota_verify.verify_manifest(manifest, key)
     if not ota_verify.is_upgrade(body["version"], current):
         raise ValueError("version %s is not newer than %s" % (body["version"], current))
@@ -178,6 +203,7 @@ class Updater:
     def request(self, url, version):
         """Take an ``ota`` command. Raises ValueError for a bad url or version,
         or while an update runs."""
+        from firmware import ota_verify
         _parse_url(url)
         ota_verify.parse_version(version)
         if self.status in (RUNNING, SWITCHED):
@@ -204,6 +230,7 @@ class Updater:
     def _run(self, req):
         url, _version = req
         try:
+            from firmware import ota_verify
             key = ota_verify.load_key(store.read_text(otaboot.join(self.root, "ota_key.json"), self.fs, 4096) or "")
             manifest = self.fetcher(url + "manifest.json")
 

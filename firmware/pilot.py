@@ -88,16 +88,20 @@ def ev_reads_a(duty):
     > 97 %   no charge
     ======== ==========================
     """
-    pct = duty * 100 / _U16
-    if pct < 8:
+    # Integers, then one division: with the ESP32's single-precision floats
+    # a percentage first and a product after read 28.000002 A from 28 A's
+    # duty. One correctly rounded division of exact integers never reads more
+    # than the duty encodes.
+    pct100 = duty * 100      # duty % x 65535
+    if pct100 < 8 * _U16:
         return 0.0
-    if pct < 10:
+    if pct100 < 10 * _U16:
         return 6.0
-    if pct <= 85:
-        return pct * 0.6
-    if pct <= 96:
-        return (pct - 64) * 2.5
-    if pct <= 97:
+    if pct100 <= 85 * _U16:
+        return duty * 60 / _U16                       # duty % x 0.6
+    if pct100 <= 96 * _U16:
+        return (duty * 250 - 160 * _U16) / _U16       # (duty % - 64) x 2.5
+    if pct100 <= 97 * _U16:
         return 80.0
     return 0.0
 

@@ -24,6 +24,10 @@ from firmware.version import FW
 
 _STACK = 16384
 """Stack of the control thread, bytes (the ESP32's default of 4 KB is tight)."""
+_LINK_STACK = 16384
+"""Stack of the MQTT link thread, bytes: it runs the TLS handshake, which
+MicroPython's own 16 KB main task is sized for. On the ESP32 a thread's stack
+comes from the IDF heap, not from the MicroPython heap."""
 
 
 def topics(cfg):
@@ -66,6 +70,8 @@ def link_up(cfg, secrets, charger, root, reboot=None, network_ready=None):
                               cfg["keepalive_s"], secrets["mqtt_user"] or None,
                               secrets["mqtt_password"] or None, network_ready=network_ready,
                               tls_wrap=tls_wrap)
+    if sys.platform == "esp32":
+        _thread.stack_size(_LINK_STACK)   # before the thread starts, or it gets 4 KB
     link.start()
     charger.log("mqtt link to %s:%d%s started" % (cfg["mqtt_host"], cfg["mqtt_port"],
                                                   " (TLS)" if tls_wrap else ""))

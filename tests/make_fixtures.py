@@ -133,7 +133,7 @@ def make(out_dir: str | Path) -> Path:
 
     tampered = out / "tampered"
     shutil.copytree(good, tampered)
-    victim = tampered / "files" / "firmware/ota_hello.py"
+    victim = tampered / "files" / "firmware/ota_hello.mpy"   # built from ota_hello.py
     data = victim.read_bytes()
     victim.write_bytes(data.replace(b"hello", b"HACKD"))    # same size, other bytes
 

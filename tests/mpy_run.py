@@ -4,8 +4,10 @@ pytest does not exist there, so this runner imports every ``tests/fw/test_*.py``
 module, calls each ``test_*`` function, and ends with the same closing line
 pytest prints ("N passed, N failed"). Exit status 1 on any failure, and also
 when no test ran (as pytest's exit 5 is for us). MICROPYPATH must hold
-``.frozen``, the repository root and ``tests/fw``.
+``.frozen`` and ``tests/fw``; run it from ``tests/`` so that the firmware
+comes from the frozen modules (``''`` is first on ``sys.path``).
 """
+import gc
 import os
 import sys
 
@@ -20,6 +22,7 @@ for fname in sorted(os.listdir(folder)):
     modname = fname[:-3]
     if only and modname not in only:
         continue
+    gc.collect()
     mod = __import__(modname)
     for name in sorted(dir(mod)):
         if not name.startswith("test_"):
@@ -32,7 +35,16 @@ for fname in sorted(os.listdir(folder)):
             failed.append("%s::%s" % (modname, name))
             print("FAILED %s::%s" % (modname, name))
             sys.print_exception(exc)
-print("micropython %s: firmware logic tests" % ".".join(str(x) for x in sys.implementation.version[:3]))
+    # A test module's bytecode lives in RAM (the firmware's is frozen): let it
+    # go before the next one, so that the heap cap bounds one module's tests.
+    del mod, fn
+    sys.modules.pop(modname, None)
+    gc.collect()
+print("MicroPython %s, %d-bit, %s floats, threads %s (%s): firmware logic tests" % (
+    ".".join(str(x) for x in sys.implementation.version[:3]),
+    32 if sys.maxsize < (1 << 32) else 64,
+    "single-precision" if str(1 / 3) == "0.33333334" else "double-precision",
+    getattr(sys.implementation, "_thread", "?"), getattr(sys.implementation, "_build", "?")))
 for f in failed:
     print("FAILED", f)
 print("%d passed, %d failed" % (passed, len(failed)))

@@ -10,7 +10,7 @@ import threading
 import time
 
 from evse_tools import ota
-from evse_tools.charger_sim import SimCharger
+from evse_tools.charger_sim import SLOT_HEAP, SimCharger
 from evse_tools.server import otapush
 from evse_tools.server.db import GroupStore
 
@@ -49,7 +49,8 @@ def test_signed_update_is_deferred_while_charging_then_installed_and_kept(mosqui
     lines = []
     result = []
     try:
-        with SimCharger(settings, dev) as ch:
+        # After the switch it boots the slot: bytecode in RAM (SLOT_HEAP).
+        with SimCharger(settings, dev, heap=SLOT_HEAP) as ch:
             ch.wait_ready()
             ch.send({"cmd": "plug", "ev": {"max_a": 32, "delay_ms": 1000}})
             samples = []

@@ -8,14 +8,15 @@ import select
 import subprocess
 import time
 
-from evse_tools.charger_sim import REPO, SimCharger, free_udp_port, micropython_cmd
+from evse_tools.charger_sim import (HEAP, SimCharger, device_env, free_udp_port, install_main,
+                                    micropython_cmd)
 
 
 class Repl:
-    def __init__(self, argv, env):
+    def __init__(self, argv, env, cwd=None):
         self.master, slave = pty.openpty()
         self.proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=env,
-                                     close_fds=True)
+                                     close_fds=True, cwd=cwd)
         os.close(slave)
         self.seen = ""
 
@@ -52,9 +53,9 @@ def test_repl_diagnostics_see_the_live_charger_refuse_bad_values_and_persist_goo
     dev.mkdir()
     (dev / "settings.json").write_text(json.dumps({"charger_id": "repl-1", "t_wd_s": 10}))
     port = free_udp_port()
-    env = dict(os.environ, MICROPYPATH=f".frozen:{REPO}:{REPO / 'lib'}")
-    repl = Repl([micropython_cmd(), "-i", str(REPO / "main.py"), "--dir", str(dev), "--ctl-port",
-                 str(port), "--repl"], env)
+    install_main(dev)
+    repl = Repl([micropython_cmd(), "-X", f"heapsize={HEAP}", "-i", "main.py", "--dir", str(dev),
+                 "--ctl-port", str(port), "--repl"], device_env(), cwd=dev)
     try:
         repl.expect(">>> ", 15)
         repl.run("from firmware import diag")

@@ -142,3 +142,78 @@ class FakeLink:
     def offer_state(self, payload):
         self.sent.append(payload)
         return True
+
+
+class FakeNet:
+    """A ``socket`` module (and ``select.poll``) for the MQTT link's socket
+    layer whose one peer is a script of broker bytes. Holds state only:
+    ``inbound`` (bytearray the broker has sent and the client not yet read),
+    ``sent`` (bytearray of everything the client wrote), ``addr`` (where it
+    connected), ``closed``, ``chunk`` (most bytes one read returns: 1 makes
+    every packet arrive in pieces). Reads with nothing queued return None, as
+    a non-blocking MicroPython socket does; a poll waits its whole timeout on
+    ``clock``."""
+
+    def __init__(self, clock, chunk=1):
+        self.clock = clock
+        self.chunk = chunk
+        self.inbound = bytearray()
+        self.sent = bytearray()
+        self.addr = None
+        self.closed = 0
+        self.sockets = 0
+
+    def socket(self, *args):
+        self.sockets += 1
+        return _FakeSocket(self)
+
+    def getaddrinfo(self, host, port, *args):
+        return [(2, 1, 6, "", (host, port))]
+
+    def poll(self):
+        return _FakePoll(self.clock)
+
+
+class _FakeSocket:
+    def __init__(self, net):
+        self.net = net
+
+    def settimeout(self, t):
+        pass
+
+    def setsockopt(self, *args):
+        pass
+
+    def connect(self, addr):
+        self.net.addr = addr
+
+    def read(self, n):
+        net = self.net
+        if not net.inbound:
+            return None
+        take = min(n, net.chunk, len(net.inbound))
+        data = bytes(net.inbound[:take])
+        net.inbound = net.inbound[take:]
+        return data
+
+    def write(self, data):
+        self.net.sent += bytes(data)
+        return len(data)
+
+    def close(self):
+        self.net.closed += 1
+
+
+class _FakePoll:
+    def __init__(self, clock):
+        self.clock = clock
+
+    def register(self, sock, event=None):
+        pass
+
+    def modify(self, sock, event):
+        pass
+
+    def poll(self, ms=-1):
+        self.clock.advance(ms if ms > 0 else 0)
+        return []

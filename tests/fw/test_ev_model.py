@@ -27,7 +27,11 @@ def test_ev_never_draws_above_its_onboard_maximum():
 
 def test_ev_tapers_linearly_above_80_percent_soc():
     ev = SimEv(max_a=40, soc=0.9, delay_ms=1000)
-    assert abs(ev.taper_a() - 20) < 1e-9
+    # 20 A to within single precision (the ESP32's floats: 24-bit mantissa,
+    # 0.9 and 0.8 are not exact), far below the 0.1 A a pilot can offer.
+    assert abs(ev.taper_a() - 20) < 20 * 2e-6, ev.taper_a()
+    ev.soc = 0.85
+    assert abs(ev.taper_a() - 30) < 30 * 2e-6, ev.taper_a()
     ev.soc = 0.8
     assert ev.taper_a() == 40
     ev.soc = 1.0

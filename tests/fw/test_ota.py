@@ -11,7 +11,7 @@ from firmware import ota, otaboot
 import test_ota_verify as tov
 
 ROOT = "dev"
-HELLO = "dev/ota/a/firmware/ota_hello.py"
+HELLO = "dev/ota/a/firmware/ota_hello.mpy"
 
 
 def _read(path):

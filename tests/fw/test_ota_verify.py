@@ -89,7 +89,7 @@ def test_good_bundle_verifies_and_every_file_matches_its_size_and_hash():
     assert body["v"] == 1
     assert body["version"] == "9.9.1"
     paths = [e["path"] for e in body["files"]]
-    assert paths == ["data/blob.bin", "firmware/ota_hello.py"]
+    assert paths == ["data/blob.bin", "firmware/ota_hello.mpy"]
     for entry in body["files"]:
         assert os.stat(fixtures() + "/good/files/" + entry["path"])[6] == entry["size"]
         for chunk in (1, 7, 100, 4096):
@@ -101,10 +101,10 @@ def test_good_bundle_verifies_and_every_file_matches_its_size_and_hash():
 
 def test_tampered_file_is_rejected_by_its_hash():
     body = verify_manifest(manifest("tampered"), key())    # the manifest itself is intact
-    bad = [e for e in body["files"] if e["path"] == "firmware/ota_hello.py"][0]
+    bad = [e for e in body["files"] if e["path"] == "firmware/ota_hello.mpy"][0]
     msg = message(ValueError, check_file, "tampered", bad)
     assert "SHA-256" in msg, msg
-    other = [e for e in body["files"] if e["path"] != "firmware/ota_hello.py"][0]
+    other = [e for e in body["files"] if e["path"] != "firmware/ota_hello.mpy"][0]
     check_file("tampered", other)
 
 

@@ -7,7 +7,7 @@ from harness import raises
 from firmware import settings
 
 CORRUPT = ("", "{", "null", "[]", "\x00\x00\x00", '{"offline_a": 8', "garbage",
-           '"settings"', "1e309", "[" * 100000, '{"a": ' * 5000, "{" + " " * 9000 + "}",
+           '"settings"', "1e309", "[" * 20000, '{"a": ' * 5000, "{" + " " * 9000 + "}",
            '{"offline_a" 40 "start_a" 40}', '{"offline_a": 8,}', '{"offline_a": 08}')
 
 
@@ -19,6 +19,23 @@ def test_missing_settings_file_gives_8a_start_and_8a_offline_never_unit_max():
     assert cfg["installer_max_a"] < cfg["unit_rating_a"]
     assert cfg["t_wd_s"] == 30
     assert cfg.problems
+
+
+def test_settings_file_larger_than_the_whole_heap_gives_8a_start_and_8a_offline():
+    # 100 KB of "[" on a real filesystem: more than the charger's 48 KB heap
+    # could hold, so it must never be read whole (found by review: MemoryError).
+    from firmware import store
+    path = "/tmp/evse-fw-test-huge-settings.json"
+    with open(path, "w") as f:
+        for _ in range(100):
+            f.write("[" * 1000)
+    try:
+        cfg = settings.Store(path, settings.SCHEMA, store.FS)
+        assert (cfg["start_a"], cfg["offline_a"], cfg["installer_max_a"]) == (8, 8, 16)
+        assert cfg.problems
+    finally:
+        import os
+        os.remove(path)
 
 
 def test_corrupt_settings_file_gives_8a_start_and_8a_offline():

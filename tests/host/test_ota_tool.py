@@ -89,10 +89,14 @@ def test_build_then_verify_round_trip(keys, sources, tmp_path):
     out = ota.build(priv, "1.4.2", sources, tmp_path / "bundle")
     body = ota.verify(out, pub)
     assert body["version"] == "1.4.2"
-    assert [e["path"] for e in body["files"]] == ["boot.py", "firmware/app.py"]
+    # firmware/*.py ships as the bytecode the image loads; the rest as it is.
+    assert [e["path"] for e in body["files"]] == ["boot.py", "firmware/app.mpy"]
     for e in body["files"]:
         data = (out / "files" / e["path"]).read_bytes()
-        assert data == sources[e["path"]].read_bytes()
+        if e["path"].endswith(".mpy"):     # mpy-cross v1.28.0: magic "M", version 6
+            assert data[:2] == b"M\x06" and sources["firmware/app.py"].read_bytes() not in data
+        else:
+            assert data == sources[e["path"]].read_bytes()
         assert e["size"] == len(data) and e["sha256"] == hashlib.sha256(data).hexdigest()
     # The manifest is exactly the documented format, and the signature checks
     # with a second implementation (cryptography) too.
@@ -111,10 +115,11 @@ def test_build_default_files_are_the_device_files_without_the_simulator(keys, tm
     out = ota.build(priv, "0.9.0", None, tmp_path / "b")
     paths = [e["path"] for e in ota.verify(out, pub)["files"]]
     assert "boot.py" not in paths and "main.py" not in paths   # they hold the rollback
-    assert "firmware/app.py" in paths and "firmware/ota_verify.py" in paths
-    assert "firmware/hal_sim.py" not in paths and "firmware/ev_model.py" not in paths
-    expected = {f"firmware/{p.name}" for p in (REPO / "firmware").glob("*.py")}
-    expected -= {"firmware/hal_sim.py", "firmware/ev_model.py"}
+    assert "firmware/app.mpy" in paths and "firmware/ota_verify.mpy" in paths
+    assert not [p for p in paths if p.endswith(".py")]        # never source
+    assert "firmware/hal_sim.mpy" not in paths and "firmware/ev_model.mpy" not in paths
+    expected = {f"firmware/{p.stem}.mpy" for p in (REPO / "firmware").glob("*.py")}
+    expected -= {"firmware/hal_sim.mpy", "firmware/ev_model.mpy"}
     assert set(paths) == expected
 
 
@@ -134,7 +139,7 @@ def test_cli_build_and_verify(keys, sources, tmp_path, capsys, monkeypatch):
 def test_verify_refuses_a_tampered_file(keys, sources, tmp_path, capsys):
     priv, pub = keys
     out = ota.build(priv, "1.0.1", sources, tmp_path / "b")
-    target = out / "files" / "firmware" / "app.py"
+    target = out / "files" / "firmware" / "app.mpy"
     data = bytearray(target.read_bytes())
     data[10] ^= 1
     target.write_bytes(bytes(data))
@@ -259,15 +264,15 @@ def test_serve_returns_bundle_files(served):
     status, headers, data = get(host, port, "/3.0.0/manifest.json")
     assert status == 200 and data == (root / "3.0.0" / "manifest.json").read_bytes()
     assert headers["Accept-Ranges"] == "bytes"
-    status, _, data = get(host, port, "/3.0.0/files/firmware/app.py")
-    assert status == 200 and data == (root / "3.0.0" / "files" / "firmware" / "app.py").read_bytes()
+    status, _, data = get(host, port, "/3.0.0/files/firmware/app.mpy")
+    assert status == 200 and data == (root / "3.0.0" / "files" / "firmware" / "app.mpy").read_bytes()
 
 
 def test_serve_honours_range_requests_for_chunked_download(served):
     root, _, host, port = served
-    full = (root / "3.0.0" / "files" / "firmware" / "app.py").read_bytes()
+    full = (root / "3.0.0" / "files" / "firmware" / "app.mpy").read_bytes()
     size = len(full)
-    status, headers, data = get(host, port, "/3.0.0/files/firmware/app.py",
+    status, headers, data = get(host, port, "/3.0.0/files/firmware/app.mpy",
                                 {"Range": "bytes=10-109"})
     assert status == 206 and data == full[10:110]
     assert headers["Content-Range"] == f"bytes 10-109/{size}"
@@ -275,17 +280,17 @@ def test_serve_honours_range_requests_for_chunked_download(served):
     # Chunks of 128 bytes, as the charger fetches them, rebuild the file.
     got = b""
     while len(got) < size:
-        status, _, data = get(host, port, "/3.0.0/files/firmware/app.py",
+        status, _, data = get(host, port, "/3.0.0/files/firmware/app.mpy",
                               {"Range": f"bytes={len(got)}-{len(got) + 127}"})
         assert status == 206 and data
         got += data
     assert got == full
-    assert get(host, port, "/3.0.0/files/firmware/app.py",
+    assert get(host, port, "/3.0.0/files/firmware/app.mpy",
                {"Range": f"bytes={size - 5}-"})[2] == full[-5:]
-    assert get(host, port, "/3.0.0/files/firmware/app.py", {"Range": "bytes=-7"})[2] == full[-7:]
-    assert get(host, port, "/3.0.0/files/firmware/app.py",
+    assert get(host, port, "/3.0.0/files/firmware/app.mpy", {"Range": "bytes=-7"})[2] == full[-7:]
+    assert get(host, port, "/3.0.0/files/firmware/app.mpy",
                {"Range": f"bytes=0-{size + 1000}"})[2] == full
-    status, headers, _ = get(host, port, "/3.0.0/files/firmware/app.py",
+    status, headers, _ = get(host, port, "/3.0.0/files/firmware/app.mpy",
                              {"Range": f"bytes={size}-{size + 10}"})
     assert status == 416 and headers["Content-Range"] == f"bytes */{size}"
 

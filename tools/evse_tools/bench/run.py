@@ -15,7 +15,7 @@ from pathlib import Path
 
 from evse_tools.bench import machine_info
 
-PARTS = ("firmware", "server", "capacity")
+PARTS = ("firmware", "memory", "server", "capacity")
 
 
 def machine() -> str:
