@@ -70,6 +70,11 @@ class Evse:
         self._fault_at = 0
         self._fault_held = False
         self._pwm_off_at = None   # tick when PWM stopped while the contactor was closed
+        # The duty and offer of the last limit seen: recomputed only when it
+        # changes, since offered_a's float result is a heap allocation.
+        self._for_amps = None
+        self._amps_duty = 0
+        self._amps_offer = 0
 
     def trip(self, code, now):
         """Latch fault ``code`` at tick ``now``: contactor open, pilot at -12 V."""
@@ -149,11 +154,15 @@ class Evse:
             self.offer_a = 0
             return
         state = self.state
-        duty = _pilot.duty_u16(amps) if state in _CONNECTED else 0
+        if amps != self._for_amps or type(amps) is not type(self._for_amps):
+            self._for_amps = amps
+            self._amps_duty = _pilot.duty_u16(amps)
+            self._amps_offer = _pilot.offered_a(amps)
+        duty = self._amps_duty if state in _CONNECTED else 0
         if duty:
             self.pilot = PILOT_PWM
             self.duty = duty
-            self.offer_a = _pilot.offered_a(amps)
+            self.offer_a = self._amps_offer
         else:
             self.pilot = PILOT_HIGH
             self.duty = 0

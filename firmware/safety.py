@@ -23,6 +23,7 @@ DIODE_MS = 1000
 """PWM running this long in B, C or D without a -12 V low level: diode fault, ms."""
 
 NAN = float("nan")
+_NUMBER = (int, float)
 
 _IDLE = 0
 _TESTING = 1
@@ -47,6 +48,8 @@ class Safety:
         self.retries = 0
         self.retry_at = None
         self.derate = thermal.Derate()
+        self._over_offer = None        # the offer the over-current threshold is for (A)
+        self._over_limit = 0
         self.selftests = 0
         self._phase = _IDLE
         self._phase_at = 0
@@ -142,7 +145,7 @@ class Safety:
         this tick (the caller then re-reads the pilot from scratch)."""
         try:
             temp = board.temp_c()
-            temp = float(temp) if type(temp) in (int, float) and -100 < temp < 1000 else NAN
+            temp = temp if type(temp) in _NUMBER and -100 < temp < 1000 else NAN
         except Exception:  # a broken sensor: stop, as at 71 degrees C
             temp = NAN
         level = self.derate.update(temp)
@@ -172,7 +175,10 @@ class Safety:
             if not board.ground_ok():
                 self.trip(evse, faults.NO_GROUND, now)
                 return False
-        if relay and offer_a > 0 and measured_a > offer_a + max(2, offer_a / 10):
+        if offer_a != self._over_offer:      # the threshold changes with the offer only
+            self._over_offer = offer_a
+            self._over_limit = offer_a + max(2, offer_a / 10)
+        if relay and offer_a > 0 and measured_a > self._over_limit:
             if self._over_since is None:
                 self._over_since = now
             elif self._diff(now, self._over_since) > OVERCURRENT_MS:

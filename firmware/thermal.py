@@ -19,6 +19,8 @@ STOP = 3
 
 _ENGAGE = (650, 680, 710)     # tenths of a degree C, for levels 1, 2, 3
 _RELEASE = (620, 650, 680)
+_INF = float("inf")
+_NINF = float("-inf")
 
 
 class Derate:
@@ -26,13 +28,20 @@ class Derate:
 
     def __init__(self):
         self.level = 0
+        self._last = None
 
     def update(self, temp_c):
         """Take a reading (degrees C); return the level 0..3. A reading that is
-        not a finite number (a broken sensor) counts as the stop level."""
-        if temp_c != temp_c or temp_c in (float("inf"), float("-inf")):
+        not a finite number (a broken sensor) counts as the stop level. Called
+        every control tick: a reading equal to the last one costs no float
+        arithmetic (each float result is a heap allocation on the ESP32)."""
+        if temp_c != temp_c or temp_c == _INF or temp_c == _NINF:
             self.level = STOP
+            self._last = None
             return STOP
+        if temp_c == self._last:
+            return self.level
+        self._last = temp_c
         t = int(temp_c * 10)
         level = self.level
         while level < STOP and t >= _ENGAGE[level]:
