@@ -15,8 +15,13 @@ MPY_BUILD := build/mpy
 RUNTIME := build/device-runtime
 MICROPYTHON := $(RUNTIME)/micropython
 MPY_CROSS := $(RUNTIME)/mpy-cross
+# The folders themselves too: their times change when a file is added,
+# removed or renamed, which the files' own times do not show.
 RUNTIME_INPUTS := $(wildcard device-runtime/*) image/manifest.py $(wildcard firmware/*.py) \
-	tools/setup/device-runtime.sh
+	firmware device-runtime tools/setup/device-runtime.sh
+# The MicroPython v1.28.0 sources the runtime is built from (lib/ is copied
+# from their micropython-lib).
+MPY_SOURCES := build/micropython-1.28.0/.complete
 # Heap of the firmware tests on the device runtime. Larger than a charger's:
 # the tests' own bytecode is in RAM (the firmware's is frozen), and some build
 # 16-100 KB inputs on purpose (oversize manifests, corpus replays). The
@@ -41,7 +46,9 @@ runtime: $(MICROPYTHON)
 $(MICROPYTHON): $(RUNTIME_INPUTS)
 	@$(SYSDEPS) gcc-multilib
 	tools/setup/device-runtime.sh
-$(MPY_CROSS): $(MICROPYTHON)
+$(MPY_CROSS) $(MPY_SOURCES):
+	@$(SYSDEPS) gcc-multilib
+	tools/setup/device-runtime.sh
 
 help:
 	@echo "make sim         the simulated load group (SCENARIO=garage|shortage|busy-day|gfci)"
@@ -71,7 +78,7 @@ $(STAMP): requirements-dev.txt tools/pyproject.toml
 	touch $@
 
 lib: $(UMQTT)
-$(UMQTT): lib/manifest.json | $(STAMP) $(MICROPYTHON)
+$(UMQTT): lib/manifest.json | $(STAMP) $(MPY_SOURCES)
 	$(BIN)/evse-fetch-lib --lib lib
 
 # The main job: a simulated load group end to end (DESIGN.md §7).

@@ -524,6 +524,10 @@ def tls_wrapper(cas, host):
     return wrap
 
 
+def _utf8(text):
+    return text.encode() if type(text) is str else text
+
+
 def umqtt_factory(link, sockmod=None, poller=None):
     """Return a ``client_factory`` building umqtt.simple clients whose socket
     calls are bounded by ``link.io_timeout_ms`` (see :class:`_SocketModule`;
@@ -535,6 +539,9 @@ def umqtt_factory(link, sockmod=None, poller=None):
     setattr(simple, "socket", _SocketModule(link, sockmod, poller))  # bounded sockets
 
     def make(client_id, host, port, user, password, keepalive):
-        return simple.MQTTClient(client_id, host, port, user, password, keepalive)
+        # umqtt counts a string's length in characters but the socket sends
+        # UTF-8: as bytes, a non-ASCII password gets a correct CONNECT.
+        return simple.MQTTClient(_utf8(client_id), host, port, _utf8(user), _utf8(password),
+                                 keepalive)
 
     return make

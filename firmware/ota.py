@@ -26,10 +26,7 @@ rolls back (:func:`firmware.otaboot.select`).
 """
 import _thread
 
-from firmware import otaboot, store
-
-# ota_verify (RSA, SHA-256, the manifest parser) is imported where an update
-# runs, never at boot: from an OTA slot every module's bytecode is in RAM.
+from firmware import otaboot, ota_verify, store
 
 CHUNK = 1024
 """Download chunk, bytes: each is one allocation, and on a 48 KB heap a
@@ -56,52 +53,87 @@ def _parse_url(url):
     return name, int(port) if port else 80, "/" + path
 
 
-def http_get(url, start=None, end=None, limit=MAX_MANIFEST, timeout_s=TIMEOUT_S):
-    """GET ``url`` (bytes ``start``..``end`` inclusive when given); return the
-    body (bytes or bytearray). Every socket call is bounded by ``timeout_s``;
-    raises OSError or ValueError on any failure, and for a body over
-    ``limit`` bytes.
+_LINE_MAX = 256
+"""Longest HTTP status or header line accepted, bytes."""
+_HEADERS_MAX = 32
+"""Most header lines accepted."""
+DEADLINE_S = 60
+"""Bound on one whole request, s: a server that sends a byte every few
+seconds must not hold the download (and every later update) for ever."""
 
-    The body is read into one buffer of the size the server announces
-    (``Content-Length``), never grown piece by piece: on a 48 KB heap the
-    copies of a growing ``bytes`` fragment it until a 3 KB chunk no longer
-    fits (issue 12)."""
-    import socket
+
+def _line(s):
+    line = s.readline(_LINE_MAX)
+    if not line:
+        raise ValueError("no HTTP header")
+    if not line.endswith(b"\n"):
+        raise ValueError("HTTP header line longer than %d bytes" % _LINE_MAX)
+    return line
+
+
+def http_get(url, start=None, end=None, limit=MAX_MANIFEST, timeout_s=TIMEOUT_S, sockmod=None,
+             clock=None):
+    """GET ``url`` (bytes ``start``..``end`` inclusive when given); return the
+    body (bytes or bytearray). Every socket call is bounded by ``timeout_s``
+    and the whole request by :data:`DEADLINE_S`; raises OSError or ValueError
+    on any failure: a status other than 200 (206 for a range), a header line
+    over 256 bytes or more than 32 of them, a missing, repeated, negative or
+    unparsable ``Content-Length``, a body over ``limit`` bytes or not the
+    range asked for, and a body that ends short.
+
+    The body is read into one buffer of the size the server announces,
+    never grown piece by piece: on a 48 KB heap the copies of a growing
+    ``bytes`` fragment it until a 3 KB chunk no longer fits (issue 12).
+    ``sockmod`` and ``clock`` replace ``socket`` and ``time`` in tests."""
+    if sockmod is None:
+        import socket as sockmod
+    if clock is None:
+        import time as clock
     host, port, path = _parse_url(url)
-    s = socket.socket()
+    deadline = clock.ticks_add(clock.ticks_ms(), DEADLINE_S * 1000)
+
+    def check_deadline():
+        if clock.ticks_diff(deadline, clock.ticks_ms()) <= 0:
+            raise OSError(110, "download took more than %d s" % DEADLINE_S)
+
+    s = sockmod.socket()
     try:
         s.settimeout(timeout_s)
-        s.connect(socket.getaddrinfo(host, port)[0][-1])
+        s.connect(sockmod.getaddrinfo(host, port)[0][-1])
         head = "GET %s HTTP/1.0\r\nHost: %s\r\n" % (path, host)
         if start is not None:
             head += "Range: bytes=%d-%d\r\n" % (start, end)
         s.write((head + "\r\n").encode())
-        status = s.readline().split()
-        if len(status) < 2 or status[1] not in (b"200", b"206"):
-            raise ValueError("HTTP status %s" % (status[1:2] or [b"?"])[0].decode())
+        status = _line(s).split()
+        want = b"200" if start is None else b"206"
+        if len(status) < 2 or status[1] != want:
+            raise ValueError("HTTP status %s (expected %s)" % ((status[1:2] or [b"?"])[0].decode(),
+                                                              want.decode()))
         length = None
-        for _ in range(32):                  # a bounded header
-            line = s.readline()
-            if not line:
-                raise ValueError("no HTTP header")
+        for _ in range(_HEADERS_MAX):
+            check_deadline()
+            line = _line(s)
             if line in (b"\r\n", b"\n"):
                 break
             name, _, value = line.partition(b":")
             if name.strip().lower() == b"content-length":
-                try:
-                    length = int(value.strip())
-                except ValueError:
-                    raise ValueError("bad Content-Length")
+                value = value.strip()
+                if length is not None or not value.isdigit():
+                    raise ValueError("bad or repeated Content-Length")
+                length = int(value)
         else:
-            raise ValueError("HTTP header too long")
+            raise ValueError("more than %d HTTP header lines" % _HEADERS_MAX)
         if length is None:
             raise ValueError("no Content-Length")
-        if not 0 <= length <= limit:
+        if length > limit:
             raise ValueError("response longer than %d bytes" % limit)
+        if start is not None and length != end - start + 1:
+            raise ValueError("range of %d bytes answered with %d" % (end - start + 1, length))
         body = bytearray(length)
         view = memoryview(body)
         got = 0
         while got < length:
+            check_deadline()
             n = s.readinto(view[got:])
             if not n:
                 raise ValueError("response ended at %d of %d bytes" % (got, length))
@@ -140,7 +172,6 @@ def install(root, manifest, fetch, current, key, fs=store.FS, progress=None):
     Raises ValueError (refused: bad signature, not newer, a hash or size
     mismatch) or OSError (download or flash failure); either way nothing is
     switched and the running slot is untouched."""
-    from firmware import ota_verify
     body = ota_verify.verify_manifest(manifest, key)
     if not ota_verify.is_upgrade(body["version"], current):
         raise ValueError("version %s is not newer than %s" % (body["version"], current))
@@ -203,7 +234,6 @@ class Updater:
     def request(self, url, version):
         """Take an ``ota`` command. Raises ValueError for a bad url or version,
         or while an update runs."""
-        from firmware import ota_verify
         _parse_url(url)
         ota_verify.parse_version(version)
         if self.status in (RUNNING, SWITCHED):
@@ -230,7 +260,6 @@ class Updater:
     def _run(self, req):
         url, _version = req
         try:
-            from firmware import ota_verify
             key = ota_verify.load_key(store.read_text(otaboot.join(self.root, "ota_key.json"), self.fs, 4096) or "")
             manifest = self.fetcher(url + "manifest.json")
 

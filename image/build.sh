@@ -11,7 +11,8 @@
 #
 # Environment: IDF_VERSION (default v5.5.2, the version the v1.28.0 esp32
 # port's README recommends: check ports/esp32/README.md of the checkout),
-# BOARD (default ESP32_GENERIC), WORK (default build/image).
+# BOARD (default ESP32_GENERIC), WORK (default ~/.cache/evse-charger-image,
+# outside build/ so that `make clean` does not throw 3 GB of ESP-IDF away).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -19,21 +20,24 @@ DRY=0
 [ "${1:-}" = "--dry-run" ] && DRY=1
 IDF_VERSION=${IDF_VERSION:-v5.5.2}
 BOARD=${BOARD:-ESP32_GENERIC}
-WORK=${WORK:-$REPO/build/image}
+WORK=${WORK:-${XDG_CACHE_HOME:-$HOME/.cache}/evse-charger-image}
 IDF=$WORK/esp-idf
 MPY=$WORK/micropython
 VERSION=$(sed -n 's/^FW = "\(.*\)"$/\1/p' firmware/version.py)
-OUT=$WORK/evse-$BOARD-${VERSION:-dev}.bin
+mkdir -p "$REPO/build"
+OUT=$REPO/build/evse-$BOARD-${VERSION:-dev}.bin
 
 run() {
-  printf '+ %s\n' "$*"
-  [ "$DRY" = 1 ] || eval "$@"
+  printf '+'; printf ' %q' "$@"; printf '\n'
+  [ "$DRY" = 1 ] || "$@"
 }
 
 echo "# 1. ESP-IDF $IDF_VERSION, with the esp32 toolchain"
 [ -d "$IDF" ] && [ "$DRY" = 0 ] || run git clone -b "$IDF_VERSION" --recursive --depth 1 --shallow-submodules https://github.com/espressif/esp-idf.git "$IDF"
 run "$IDF/install.sh" esp32
-run . "$IDF/export.sh"
+printf '+ . %q\n' "$IDF/export.sh"
+# shellcheck disable=SC1091
+[ "$DRY" = 1 ] || . "$IDF/export.sh"
 echo "# 2. MicroPython v1.28.0 (the release the device runtime is built from)"
 [ -d "$MPY" ] && [ "$DRY" = 0 ] || run git clone --depth 1 --branch v1.28.0 https://github.com/micropython/micropython "$MPY"
 run make -C "$MPY/mpy-cross"

@@ -37,7 +37,7 @@ for fname in sorted(os.listdir(folder)):
             sys.print_exception(exc)
     # A test module's bytecode lives in RAM (the firmware's is frozen): let it
     # go before the next one, so that the heap cap bounds one module's tests.
-    del mod, fn
+    mod = fn = None
     sys.modules.pop(modname, None)
     gc.collect()
 print("MicroPython %s, %d-bit, %s floats, threads %s (%s): firmware logic tests" % (

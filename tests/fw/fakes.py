@@ -152,11 +152,12 @@ class FakeNet:
     connected), ``closed``, ``chunk`` (most bytes one read returns: 1 makes
     every packet arrive in pieces). Reads with nothing queued return None, as
     a non-blocking MicroPython socket does; a poll waits its whole timeout on
-    ``clock``."""
+    ``clock``; each read takes ``read_ms`` of it."""
 
-    def __init__(self, clock, chunk=1):
+    def __init__(self, clock, chunk=1, read_ms=0):
         self.clock = clock
         self.chunk = chunk
+        self.read_ms = read_ms          # how long each read takes (a slow peer)
         self.inbound = bytearray()
         self.sent = bytearray()
         self.addr = None
@@ -189,11 +190,31 @@ class _FakeSocket:
 
     def read(self, n):
         net = self.net
+        net.clock.advance(net.read_ms)
         if not net.inbound:
             return None
         take = min(n, net.chunk, len(net.inbound))
         data = bytes(net.inbound[:take])
         net.inbound = net.inbound[take:]
+        return data
+
+    def readinto(self, buf):
+        data = self.read(len(buf))
+        if not data:
+            return 0
+        buf[:len(data)] = data
+        return len(data)
+
+    def readline(self, limit=-1):
+        """Up to and including the next newline, at most ``limit`` bytes
+        (b"" at the end of the data, as a closed socket gives)."""
+        net = self.net
+        net.clock.advance(net.read_ms)
+        end = net.inbound.find(b"\n") + 1 or len(net.inbound)
+        if 0 <= limit < end:
+            end = limit
+        data = bytes(net.inbound[:end])
+        net.inbound = net.inbound[end:]
         return data
 
     def write(self, data):

@@ -30,7 +30,7 @@ CONNACK_IDENTIFIER_REJECTED = b"\x20\x02\x00\x02"
 SUBACK_1 = b"\x90\x03\x00\x01\x01"
 SUBACK_2 = b"\x90\x03\x00\x02\x01"
 PUBACK_3 = b"\x40\x02\x00\x03"
-SETPOINT = b'{"seq":5,"epoch":1,"limit_a":16,"lease_s":60}'
+SETPOINT = b'{"v":1,"epoch":1,"seq":5,"current_a":16}'
 SET_QOS1_PID_7 = bytes([0x32, 2 + 17 + 2 + len(SETPOINT)]) + b"\x00\x11evse/garage-1/set\x00\x07" + SETPOINT
 SET_RETAINED = bytes([0x31, 2 + 17 + len(SETPOINT)]) + b"\x00\x11evse/garage-1/set" + SETPOINT
 PINGRESP = b"\xd0\x00"
@@ -113,3 +113,20 @@ def test_silent_broker_costs_the_link_at_most_its_io_timeout():
     link.step()
     assert not link.connected and "110" in link.last_error
     assert 2000 <= clock.ticks_diff(clock.ticks_ms(), t0) <= 2100
+
+
+def test_non_ascii_broker_password_gives_a_well_formed_connect():
+    # umqtt counts characters; the wire counts UTF-8 bytes. "café" is 5 bytes:
+    # sent with a length of 4, the broker reads garbage and never lets it in.
+    clock = FakeClock()
+    net = FakeNet(clock, chunk=1)
+    link = mqtt_link.MqttLink("garage-1", "broker.local", 1883, TOPICS, 30, user="garage-1",
+                              password="caf\u00e9", io_timeout_ms=2000, clock=clock,
+                              client_factory=lambda *a: None)
+    link.client_factory = mqtt_link.umqtt_factory(link, net, net.poll)
+    net.inbound += CONNACK_OK + SUBACK_1 + SUBACK_2 + PUBACK_3
+    link.step()
+    assert link.connected, link.last_error
+    connect = bytes(net.sent[:2 + net.sent[1]])
+    assert connect.endswith(b"\x00\x08garage-1" + b"\x00\x05caf\xc3\xa9")
+    assert connect[9] & 0xC0 == 0xC0                       # user name and password flags

@@ -24,8 +24,10 @@ def test_missing_settings_file_gives_8a_start_and_8a_offline_never_unit_max():
 def test_settings_file_larger_than_the_whole_heap_gives_8a_start_and_8a_offline():
     # 100 KB of "[" on a real filesystem: more than the charger's 48 KB heap
     # could hold, so it must never be read whole (found by review: MemoryError).
+    import random
+
     from firmware import store
-    path = "/tmp/evse-fw-test-huge-settings.json"
+    path = "/tmp/evse-fw-test-huge-settings-%d.json" % random.getrandbits(30)
     with open(path, "w") as f:
         for _ in range(100):
             f.write("[" * 1000)

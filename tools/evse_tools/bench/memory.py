@@ -191,6 +191,8 @@ def ota_install(kb: int, workdir: Path, b=None) -> bool:
                     break
         state = json.loads((dev / "ota.json").read_text()) if (dev / "ota.json").exists() else {}
         return state.get("version") == "99.0.0" and _log_ok([dev])
+    except RuntimeError:       # it did not even boot at this heap
+        return False
     finally:
         server.shutdown()
         pub.loop_stop()
