@@ -30,10 +30,7 @@ def install_slot(root, tmp_path, version="9.0.0"):
 
 
 def code(ch):
-    ch.replies.clear()
-    ch.send({"cmd": "code"})
-    ch.poll(0.5)
-    return next(r["code"] for r in ch.replies if "code" in r)
+    return ch.ask({"cmd": "code"}, "code")
 
 
 def test_installed_slot_shadows_the_frozen_firmware_and_rollback_returns_to_it(tmp_path):

@@ -180,6 +180,20 @@ class SimCharger:
                 self.replies.append(msg)
             self.sock.settimeout(0)
 
+    def ask(self, cmd: dict, key: str, timeout: float = 5.0):
+        """Send ``cmd`` and return the value of ``key`` in its reply (e.g.
+        ``ask({"cmd": "code"}, "code")``); RuntimeError when no reply with
+        ``key`` comes within ``timeout`` s."""
+        self.replies.clear()
+        self.send(cmd)
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            self.poll(0.05)
+            for r in self.replies:
+                if key in r:
+                    return r[key]
+        raise RuntimeError(f"no reply with {key!r} to {cmd}")
+
     def wait_ready(self, timeout: float = 10.0) -> dict:
         """Subscribe to telemetry; return the first sample (raises on timeout)."""
         end = time.monotonic() + timeout

@@ -217,10 +217,7 @@ def ota_slot_boot(kb: int, workdir: Path, b=None) -> bool:
                 ch.poll(0.1)
             ch.send({"cmd": "plug", "ev": {"max_a": 32, "delay_ms": 1000}})
             _wait(ch, lambda s: s["state"] == "C" and s["relay"], 10)
-            ch.replies.clear()
-            ch.send({"cmd": "code"})
-            ch.poll(0.5)
-            ran_slot = any(str(slot) in str(r.get("code")) for r in ch.replies)
+            ran_slot = str(slot) in ch.ask({"cmd": "code"}, "code")
             alive = ch.proc.poll() is None
         return ran_slot and alive and _log_ok([dev])
     except RuntimeError:
