@@ -63,6 +63,8 @@ class Charger:
         self._uptime_ms = 0
         self._last_tick = now
         self._charge_mams = 0    # session charge, mA x ms below one mAh
+        self._charge_ma = 0      # the current counted, mA: sampled once a second
+        self._sample_ms = 1000   # ms since it was sampled (1000: sample at once)
         self._session_mah = 0
         self._new_faults = []
         self._requests = []      # from other threads (diagnostics): done by the control loop
@@ -170,7 +172,9 @@ class Charger:
         evse = self.evse
         hal = self.hal
         pwm_on = self._pilot == _evse.PILOT_PWM
-        high, low = hal.read_pilot()
+        hal.read_pilot()
+        high = hal.high_mv
+        low = hal.low_mv
         state = self.reader.update(high, low, pwm_on)
         was_fault = evse.fault
         evse.edge(state, now)
@@ -191,7 +195,8 @@ class Charger:
         arbiter = self.arbiter
         arbiter.fault = evse.fault
         arbiter.thermal_level = self.safety.derate.level
-        amps, why = arbiter.limit(now)
+        amps = arbiter.amps(now)          # no tuple: the tick allocates nothing it can avoid
+        why = arbiter.why
         if self.stopping and amps:
             amps, why = 0, "pause"
         if amps != self.limit_a or why != self.limit_by:
@@ -225,7 +230,13 @@ class Charger:
             self.uptime_s += self._uptime_ms // 1000
             self._uptime_ms %= 1000
         if self._relay:
-            self._charge_mams += int(self.hal.measured_a() * 1000) * dt
+            # The current is sampled once a second and held in between: a
+            # float product every tick would be an allocation every tick.
+            self._sample_ms += dt
+            if self._sample_ms >= 1000:
+                self._charge_ma = int(self.hal.measured_a() * 1000)
+                self._sample_ms = 0
+            self._charge_mams += self._charge_ma * dt
             if self._charge_mams >= 3600000:
                 self._session_mah += self._charge_mams // 3600000
                 self._charge_mams %= 3600000
@@ -259,6 +270,7 @@ class Charger:
         if evse.relay and not self._relay:
             hal.set_relay(True)
             self._relay = True
+            self._sample_ms = 1000        # count from a fresh sample of the current
             self.safety.contactor(True, now)
             self.log("contactor closed")
 

@@ -23,8 +23,10 @@ class Board:
 
     Inputs:
 
-    * ``read_pilot()`` -> ``(high_mv, low_mv)``: top and bottom pilot levels of
-      one burst, mV (+12 V is about 12000).
+    * ``read_pilot()``: sample one burst and leave its top and bottom pilot
+      levels in ``high_mv`` and ``low_mv`` (int mV, +12 V is about 12000).
+      Attributes rather than a returned tuple: the 10 ms control tick then
+      allocates nothing (issue 12).
     * ``measured_a()`` -> current drawn through the contactor, A (float >= 0).
     * ``temp_c()`` -> board temperature, degrees C.
     * ``gfci_tripped()`` -> True while the CCID reports residual current.

@@ -118,6 +118,8 @@ class Esp32Board(Board):
         self._gfci_seen = False
         self._gfci_in.irq(handler=self._on_gfci, trigger=Pin.IRQ_RISING)
         self._pilot_adc = ADC(Pin(_PILOT_ADC), atten=ADC.ATTN_11DB)
+        self._read_uv = self._pilot_adc.read_uv     # bound once, not every tick
+        self.high_mv = self.low_mv = 0
         self._ntc_adc = ADC(Pin(_NTC_ADC), atten=ADC.ATTN_11DB)
         self._ct_adc = ADC(Pin(_CT_ADC), atten=ADC.ATTN_11DB)
         self._ct_n = 0
@@ -167,10 +169,11 @@ class Esp32Board(Board):
     def read_pilot(self):
         """One burst of 40 ADC reads (~1.4 ms, more than one 1 kHz period).
 
-        Returns ``(high_mv, low_mv)``: the highest and lowest pilot level seen,
-        in pilot mV (ints). Without PWM both are the static level.
+        Leaves in ``high_mv`` and ``low_mv`` the highest and lowest pilot
+        level seen, in pilot mV (ints). Without PWM both are the static level.
+        Allocates nothing: the bound ``read_uv`` is made once, at start.
         """
-        read = self._pilot_adc.read_uv
+        read = self._read_uv
         hi = 0
         lo = 4000000
         for _ in range(_PILOT_SAMPLES):
@@ -179,7 +182,8 @@ class Esp32Board(Board):
                 hi = uv
             if uv < lo:
                 lo = uv
-        return _pilot_mv(hi), _pilot_mv(lo)
+        self.high_mv = _pilot_mv(hi)
+        self.low_mv = _pilot_mv(lo)
 
     def _on_ct(self, _timer):
         # Timer callback (soft IRQ, runs between bytecodes). All sums stay

@@ -73,6 +73,7 @@ class SimBoard(Board):
 
     def __init__(self, clock):
         self.clock = clock
+        self.high_mv = self.low_mv = 12000   # the last read_pilot() (pilot mV)
         self.pilot_mode = "high"
         self.duty = 0
         self.relay = False
@@ -147,7 +148,8 @@ class SimBoard(Board):
         if self.glitch_mv is not None:
             high = self.glitch_mv
             self.glitch_mv = None
-        return high, low
+        self.high_mv = high
+        self.low_mv = low
 
     def set_relay(self, closed):
         if bool(closed) != self.relay:

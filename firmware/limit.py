@@ -48,6 +48,7 @@ class LimitArbiter:
         self.ack_seq = None
         self.fault = None
         self.thermal_level = 0
+        self.why = START            # the reason of the last amps(): limit_by
         self.rejected = 0
         self.last_error = None
         self._setpoint_a = None   # None: no allocation yet in this session (C2)
@@ -122,9 +123,16 @@ class LimitArbiter:
         return not self._expired
 
     def limit(self, now):
-        """Return ``(amps, reason)`` in force at tick ``now``.
+        """Return ``(amps, reason)`` in force at tick ``now`` (see
+        :meth:`amps`, which the control tick calls: it allocates no tuple)."""
+        amps = self.amps(now)
+        return amps, self.why
 
-        ``amps`` is 0 (do not offer) or 6..80 A; ``reason`` is one of
+    def amps(self, now):
+        """Return the current in force at tick ``now`` (A) and leave its
+        reason in ``self.why``.
+
+        The current is 0 (do not offer) or 6..80 A; the reason is one of
         ``start``, ``setpoint``, ``offline``, ``unit``, ``thermal``, ``pause``,
         ``fault``. Rule (C1): min(unit rating, installer max, limit in force),
         then derated by temperature (C9: half, a quarter but never below 6 A),
@@ -135,7 +143,8 @@ class LimitArbiter:
         """
         s = self.settings
         if self.fault is not None:
-            return 0, FAULT
+            self.why = FAULT
+            return 0
         if not self.online(now):
             amps, why = s["offline_a"], OFFLINE
             if self._setpoint_a is None and s["start_a"] < amps:
@@ -152,5 +161,7 @@ class LimitArbiter:
             if derated < amps:
                 amps, why = derated, THERMAL
         if amps < MIN_A:
-            return 0, PAUSE
-        return amps, why
+            self.why = PAUSE
+            return 0
+        self.why = why
+        return amps

@@ -173,6 +173,7 @@ def install(root, manifest, fetch, current, key, fs=store.FS, progress=None):
     mismatch) or OSError (download or flash failure); either way nothing is
     switched and the running slot is untouched."""
     body = ota_verify.verify_manifest(manifest, key)
+    manifest = None          # a 48 KB heap needs its bytes back for the download
     if not ota_verify.is_upgrade(body["version"], current):
         raise ValueError("version %s is not newer than %s" % (body["version"], current))
     state = otaboot.read_state(root, fs)
@@ -261,7 +262,6 @@ class Updater:
         url, _version = req
         try:
             key = ota_verify.load_key(store.read_text(otaboot.join(self.root, "ota_key.json"), self.fs, 4096) or "")
-            manifest = self.fetcher(url + "manifest.json")
 
             def fetch(path, start, end):
                 return self.fetcher(url + "files/" + path, start, end, CHUNK)
@@ -269,7 +269,10 @@ class Updater:
             def progress(done, total):
                 self.detail = "installed %d of %d files" % (done, total)
 
-            version = install(self.root, manifest, fetch, self.current, key, self.fs, progress)
+            # The manifest is handed over unnamed: install() lets it go once
+            # verified, so its bytes are not held through the download.
+            version = install(self.root, self.fetcher(url + "manifest.json"), fetch, self.current,
+                              key, self.fs, progress)
             self.detail = "version %s switched in, reboot pending" % version
             self.status = SWITCHED
         except Exception as exc:  # refused or failed: nothing was switched

@@ -9,6 +9,11 @@ Time is the injected clock's ticks (ms), compared with ``ticks_diff`` only.
 """
 from firmware import faults, thermal
 
+try:
+    from micropython import const
+except ImportError:  # CPython
+    const = lambda x: x  # noqa: E731
+
 SELFTEST_TRIP_MS = 200
 """The CCID must report the test current within this, ms."""
 SELFTEST_CLEAR_MS = 500
@@ -25,10 +30,11 @@ DIODE_MS = 1000
 NAN = float("nan")
 _NUMBER = (int, float)
 
-_IDLE = 0
-_TESTING = 1
-_RELEASING = 2
-_PASSED = 3
+# const(): the phase tuples of the tick fold into constants (no allocation).
+_IDLE = const(0)
+_TESTING = const(1)
+_RELEASING = const(2)
+_PASSED = const(3)
 
 
 class Safety:

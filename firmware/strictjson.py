@@ -83,7 +83,9 @@ class _Checker:
                 self.fail("key must be a string")
             start = self.i
             self.string()
-            raw = self.s[start:self.i]
+            # bytes, also from a bytearray: MicroPython's bytearray has no
+            # "in" and is no dictionary key.
+            raw = bytes(self.s[start:self.i])
             # Keys compare as decoded text: "a" and "\u0061" are one key.
             key = json.loads(raw).encode() if _BSLASH in raw else raw[1:-1]
             if key in keys:
@@ -202,8 +204,8 @@ def loads(data, max_decimals=None):
             data = data.encode()
         except UnicodeError:
             raise ValueError("invalid JSON: not encodable")
-    elif type(data) is not bytes:
-        data = bytes(data)
+    elif type(data) is not bytes and type(data) is not bytearray:
+        data = bytes(data)      # (a bytearray is read in place: no copy of a manifest)
     for b in data:
         if b >= 0x80:
             raise ValueError("invalid JSON: non-ASCII byte")

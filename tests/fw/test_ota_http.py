@@ -76,3 +76,15 @@ def test_server_dripping_a_byte_every_4_s_is_cut_off_at_the_deadline():
     reply = b"HTTP/1.0 200 OK\r\nContent-Length: 100\r\n\r\n" + b"x" * 100
     exc = raises(OSError, lambda: get(reply, chunk=1, read_ms=4000))
     assert "more than 60 s" in str(exc)
+
+
+def test_manifest_downloaded_into_a_bytearray_is_parsed_in_place():
+    # http_get returns a bytearray; strictjson once read its keys as dict keys
+    # and the device runtime refused them (NotImplementedError: unhashable).
+    from firmware import strictjson
+    body, _ = get(b'HTTP/1.0 200 OK\r\nContent-Length: 24\r\n\r\n{"body":"x","sig":"ab"}\n')
+    assert type(body) is bytearray
+    assert strictjson.loads(body) == {"body": "x", "sig": "ab"}
+    assert "duplicate key" in str(raises(ValueError, strictjson.loads, bytearray(b'{"a":1,"a":2}')))
+    text = b'{"t":true,"n":null,"f":false,"l":[1,2.5,"x\\u0061"],"\\u0062":0}'
+    assert strictjson.loads(bytearray(text)) == strictjson.loads(text)
