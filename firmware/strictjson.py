@@ -214,4 +214,6 @@ def loads(data, max_decimals=None):
     chk.ws()
     if chk.i != chk.n:
         chk.fail("trailing data")
-    return json.loads(data)
+    # MicroPython's json.loads reads any buffer, a bytearray too; the stubs
+    # say str or bytes only.
+    return json.loads(data)  # pyright: ignore[reportArgumentType]
