@@ -28,9 +28,21 @@ _wlan = None
 
 
 def attach(charger, uplink, wlan=None):
-    """Called by :mod:`firmware.start` with the running charger."""
+    """Point the diagnostics at a charger (tests; :mod:`firmware.start`
+    when this module is already imported)."""
     global _charger, _uplink, _wlan
     _charger, _uplink, _wlan = charger, uplink, wlan
+
+
+def _adopt():
+    # Imported at the REPL once the charger runs: take what start.py left.
+    import sys
+    start = sys.modules.get("firmware.start")
+    if start is not None and start.running is not None:
+        attach(*start.running)
+
+
+_adopt()
 
 
 def _c():

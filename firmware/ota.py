@@ -26,7 +26,10 @@ rolls back (:func:`firmware.otaboot.select`).
 """
 import _thread
 
-from firmware import otaboot, ota_verify, store
+from firmware import otaboot, semver, store
+
+# ota_verify (RSA, SHA-256, the manifest parser) is imported on the update's
+# own thread when it runs, never at boot nor in the control thread.
 
 CHUNK = 1024
 """Download chunk, bytes: each is one allocation, and on a 48 KB heap a
@@ -171,10 +174,11 @@ def install(root, manifest, fetch, current, key, fs=store.FS, progress=None):
     bytes of one file; ``current``: the running version; ``key``: (n, e).
     Raises ValueError (refused: bad signature, not newer, a hash or size
     mismatch) or OSError (download or flash failure); either way nothing is
-    switched and the running slot is untouched."""
+    switched and the running slot is untouched. Runs on the update's thread."""
+    from firmware import ota_verify
     body = ota_verify.verify_manifest(manifest, key)
     manifest = None          # a 48 KB heap needs its bytes back for the download
-    if not ota_verify.is_upgrade(body["version"], current):
+    if not semver.is_upgrade(body["version"], current):
         raise ValueError("version %s is not newer than %s" % (body["version"], current))
     state = otaboot.read_state(root, fs)
     if state["pending"]:
@@ -236,12 +240,12 @@ class Updater:
         """Take an ``ota`` command. Raises ValueError for a bad url or version,
         or while an update runs."""
         _parse_url(url)
-        ota_verify.parse_version(version)
+        semver.parse_version(version)
         if self.status in (RUNNING, SWITCHED):
             raise ValueError("an update is already %s" % self.status)
         if otaboot.read_state(self.root, self.fs)["pending"]:
             raise ValueError("the running version is still on trial: try again once it is kept")
-        if not ota_verify.is_upgrade(version, self.current):
+        if not semver.is_upgrade(version, self.current):
             raise ValueError("version %s is not newer than %s" % (version, self.current))
         self._request = (url if url.endswith("/") else url + "/", version)
         self.status = DEFERRED
@@ -261,6 +265,7 @@ class Updater:
     def _run(self, req):
         url, _version = req
         try:
+            from firmware import ota_verify
             key = ota_verify.load_key(store.read_text(otaboot.join(self.root, "ota_key.json"), self.fs, 4096) or "")
 
             def fetch(path, start, end):

@@ -31,6 +31,7 @@ import binascii
 import hashlib
 
 from firmware import strictjson
+from firmware.semver import is_upgrade, parse_version  # noqa: F401  (part of this API)
 
 MAX_MANIFEST_BYTES = 16384      # the device reads the whole manifest into RAM
 MAX_KEY_BYTES = 4096
@@ -48,9 +49,7 @@ SHA256_DIGEST_INFO = (b"\x30\x31\x30\x0d\x06\x09\x60\x86\x48\x01\x65\x03\x04\x02
                       b"\x05\x00\x04\x20")
 
 _HEX = "0123456789abcdef"
-_DIGITS = "0123456789"
 _PATH_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_./-"
-_MAX_VERSION_DIGITS = 6         # each part below 10^6, far below 2^30
 _BODY_KEYS = ("v", "version", "files")
 _ENTRY_KEYS = ("path", "size", "sha256")
 
@@ -142,43 +141,6 @@ def verify_signature(message, sig_hex, key):
                          "OTA key (wrong key, or the manifest was edited after signing)")
 
 
-def parse_version(text):
-    """``"MAJOR.MINOR.PATCH"`` -> ``(major, minor, patch)`` ints.
-
-    Each part is 1 to 6 decimal digits without a leading zero (``0`` itself
-    is fine). Anything else (``1.2``, ``v1.2.3``, ``1.02.3``, ``1.2.3-rc1``)
-    raises ValueError.
-    """
-    if type(text) is not str:
-        raise ValueError("version must be a string MAJOR.MINOR.PATCH")
-    parts = text.split(".")
-    if len(parts) != 3:
-        raise ValueError("version %r is not MAJOR.MINOR.PATCH" % text)
-    out = []
-    for p in parts:
-        if not p or len(p) > _MAX_VERSION_DIGITS or (len(p) > 1 and p[0] == "0"):
-            raise ValueError("version %r is not MAJOR.MINOR.PATCH" % text)
-        for c in p:
-            if c not in _DIGITS:
-                raise ValueError("version %r is not MAJOR.MINOR.PATCH" % text)
-        out.append(int(p))
-    return tuple(out)
-
-
-def is_upgrade(new, current):
-    """True if version ``new`` is strictly newer than ``current``.
-
-    Both are ``"X.Y.Z"`` strings or tuples from parse_version. Equal or older
-    is False: a downgrade, or a replay of the installed version, is refused.
-    Raises ValueError if either is malformed.
-    """
-    if type(new) is not tuple:
-        new = parse_version(new)
-    if type(current) is not tuple:
-        current = parse_version(current)
-    return new > current
-
-
 def check_path(path):
     """Raise ValueError unless ``path`` is a safe relative device path:
     1 to 64 characters from ``[A-Za-z0-9_./-]``, ``/``-separated, no leading
@@ -262,9 +224,12 @@ def verify_manifest(manifest_bytes, key):
     body_text = outer["body"]
     if type(body_text) is not str:
         raise ValueError("manifest body must be a string")
-    if type(outer["sig"]) is not str:
+    sig = outer["sig"]
+    if type(sig) is not str:
         raise ValueError("manifest sig must be a string")
-    verify_signature(body_text.encode(), outer["sig"], key)
+    outer = None            # on a 48 KB heap every copy of the manifest counts
+    verify_signature(body_text.encode(), sig, key)
+    sig = None
     # Authentic from here on; still validated, since a signed bundle from a
     # faulty build must not write outside its folder either.
     try:

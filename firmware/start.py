@@ -18,12 +18,15 @@ import time
 
 import _thread
 
-from firmware import app, diag, settings
+from firmware import app, settings
 from firmware.supervisor import supervise
 from firmware.version import FW
 
 _STACK = 16384
 """Stack of the control thread, bytes (the ESP32's default of 4 KB is tight)."""
+running = None
+"""``(charger, uplink, wlan)`` of the running charger, for :mod:`firmware.diag`,
+which is imported only when a technician asks for it at the REPL."""
 _LINK_STACK = 16384
 """Stack of the MQTT link thread, bytes: it runs the TLS handshake, which
 MicroPython's own 16 KB main task is sized for. On the ESP32 a thread's stack
@@ -78,6 +81,14 @@ def link_up(cfg, secrets, charger, root, reboot=None, network_ready=None):
     return Uplink(charger, link, FW, reboot, updater, health)
 
 
+def _attach(charger, uplink, wlan):
+    global running
+    running = (charger, uplink, wlan)
+    diag = sys.modules.get("firmware.diag")
+    if diag is not None:            # imported before the charger started
+        diag.attach(charger, uplink, wlan)
+
+
 def _start_control(charger, board, poll, crashed, done):
     """Run the control loop under the supervisor on its own thread; ``done``
     (a list) receives the exit status when it ends."""
@@ -120,7 +131,7 @@ def esp32():
         time.sleep_ms(1000)
         machine.reset()
 
-    diag.attach(charger, uplink, wlan)
+    _attach(charger, uplink, wlan)
     _start_control(charger, board, uplink.poll, crashed, [])
 
 
@@ -198,7 +209,7 @@ def sim(argv):
         return 1
 
     done = []
-    diag.attach(charger, uplink, None)
+    _attach(charger, uplink, None)
     _start_control(charger, board, poll, crashed, done)
     if "--repl" in argv:
         return
