@@ -219,8 +219,8 @@ def table(r: dict) -> str:
             sl["p50"], sl["p99"], sl["max"])),
         ("contactor open after C->B (logic)", "%d ticks = %d ms" % (rv["c_to_b"]["ticks"], rv["c_to_b"]["ms"])),
         ("contactor open after GFCI trip (logic)", "%d ticks = %d ms" % (rv["gfci"]["ticks"], rv["gfci"]["ms"])),
-        ("contactor open after C->B (unix port)", "p50 %.1f / max %.1f ms" % (rr["c_to_b"]["p50"], rr["c_to_b"]["max"])),
-        ("contactor open after GFCI (unix port)", "max %.1f ms" % rr["gfci"]["max"]),
+        ("contactor open after C->B (device runtime)", "p50 %.1f / max %.1f ms" % (rr["c_to_b"]["p50"], rr["c_to_b"]["max"])),
+        ("contactor open after GFCI (device runtime)", "max %.1f ms" % rr["gfci"]["max"]),
         ("watchdog fallback, broker reachable", "%.0f ms for T_wd %d ms (%+.0f ms)" % (
             wd["reachable"]["measured_ms"], wd["reachable"]["t_wd_ms"], wd["reachable"]["error_ms"])),
         ("watchdog fallback, path blackholed", "%.0f ms for T_wd %d ms (%+.0f ms)" % (
