@@ -327,22 +327,16 @@ def _probe_umqtt(argv):
     raise ToolError("command failed with exit status %d: %s" % (proc.returncode, shlex.join(argv)))
 
 
-def cmd_deploy_frozen(args, ota_key, port):
-    dry = args.dry_run
-    _show(["cd", str(REPO)])
-    print("# the image holds the firmware (make image): copy boot.py and main.py only")
+def _run_plan(steps, port, dry, before):
+    """Run mpremote ``steps`` (``[(name, argv)]``) in order. ``before(name,
+    argv)`` prints what the step does and returns False to skip it. The park
+    step is followed by the wait for the reboot; a failure after it raises
+    the ToolError with :data:`PARKED_HINT` as its note."""
     parked = False
     try:
-        for name, argv in frozen_deploy_plan(port, ota_key):
-            if name == "park":
-                print("# park the application (main.py -> main.off) and hard-reset")
-            elif name == "prepare":
-                print("# remove /firmware (it would shadow the frozen firmware) and ota.json")
-            elif name == "probe-frozen":
-                print("# is the firmware frozen into this image? exit 0: yes; ImportError: "
-                      "no, and nothing is changed (use a make-image build, or deploy without --frozen)")
-            elif name == "start":
-                print("# main.py last, then a hard reset starts the frozen firmware")
+        for name, argv in steps:
+            if before(name, argv) is False:
+                continue
             _step(argv, dry, cwd=REPO)
             if name == "park":
                 parked = True
@@ -350,6 +344,27 @@ def cmd_deploy_frozen(args, ota_key, port):
     except ToolError as exc:
         exc.note = PARKED_HINT if parked else None
         raise
+
+
+_FROZEN_NOTES = {
+    "park": "# park the application (main.py -> main.off) and hard-reset",
+    "probe-frozen": "# is the firmware frozen into this image? exit 0: yes; ImportError: no, and "
+                    "nothing is changed (use a make-image build, or deploy without --frozen)",
+    "prepare": "# remove /firmware (it would shadow the frozen firmware) and ota.json",
+    "start": "# main.py last, then a hard reset starts the frozen firmware",
+}
+
+
+def cmd_deploy_frozen(args, ota_key, port):
+    dry = args.dry_run
+    _show(["cd", str(REPO)])
+    print("# the image holds the firmware (make image): copy boot.py and main.py only")
+
+    def before(name, argv):
+        if name in _FROZEN_NOTES:
+            print(_FROZEN_NOTES[name])
+
+    _run_plan(frozen_deploy_plan(port, ota_key), port, dry, before)
     if not dry:
         print("deployed boot.py and main.py to %s; the charger restarts on the frozen firmware" % port)
     return 0
@@ -373,38 +388,33 @@ def cmd_deploy(args):
         (REPO / BUILD / "firmware").mkdir(parents=True)
     for argv in compile_commands(modules):
         _step(argv, dry, cwd=REPO)
-    parked = skip_umqtt = False
-    try:
-        for name, argv in deploy_plan(port, modules, ota_key):
-            if name == "park":
-                print("# park the application (main.py -> main.off) and hard-reset: "
-                      "no control loop, no watchdog while copying")
-            elif name == "probe":
-                print("# is umqtt.simple in the device firmware? exit 0: yes; ImportError: no")
-                if dry:
-                    _show(argv)
-                    continue
-                if _probe_umqtt(argv):
-                    print("# umqtt.simple is in the device firmware (frozen): not copied")
-                    skip_umqtt = True
-                else:
-                    print("# umqtt.simple is missing on the device: copying %s" % UMQTT)
-                    skip_umqtt = False
-                continue
-            elif name == "umqtt":
-                if dry:
-                    print("# only if the probe ended in ImportError (no umqtt.simple on the device):")
-                elif skip_umqtt:
-                    continue
-            elif name == "start":
-                print("# main.py last, then a hard reset starts the new firmware")
-            _step(argv, dry, cwd=REPO)
-            if name == "park":
-                parked = True
-                await_reboot(port, dry)
-    except ToolError as exc:
-        exc.note = PARKED_HINT if parked else None
-        raise
+    skip_umqtt = [False]
+
+    def before(name, argv):
+        if name == "park":
+            print("# park the application (main.py -> main.off) and hard-reset: "
+                  "no control loop, no watchdog while copying")
+        elif name == "probe":
+            print("# is umqtt.simple in the device firmware? exit 0: yes; ImportError: no")
+            if dry:
+                _show(argv)
+                return False
+            if _probe_umqtt(argv):
+                print("# umqtt.simple is in the device firmware (frozen): not copied")
+                skip_umqtt[0] = True
+            else:
+                print("# umqtt.simple is missing on the device: copying %s" % UMQTT)
+                skip_umqtt[0] = False
+            return False
+        elif name == "umqtt":
+            if dry:
+                print("# only if the probe ended in ImportError (no umqtt.simple on the device):")
+            elif skip_umqtt[0]:
+                return False
+        elif name == "start":
+            print("# main.py last, then a hard reset starts the new firmware")
+
+    _run_plan(deploy_plan(port, modules, ota_key), port, dry, before)
     if not dry:
         print("deployed %d modules to %s; the charger restarts" % (len(modules), port))
     return 0

@@ -168,6 +168,23 @@ def _bundle(workdir: Path, version: str) -> tuple[Path, Path]:
     return out, keys / "ota_key.json"
 
 
+def _on_broker(cid: str, dev: Path, b, kb: int) -> SimCharger:
+    """A charger on broker ``b`` at a ``kb`` KB heap, started in ``dev`` and
+    given up to 10 s to connect (RuntimeError when it does not even boot)."""
+    ch = SimCharger({"charger_id": cid, "unit_rating_a": 32, "installer_max_a": 32, "t_wd_s": 10,
+                     "mqtt_host": b.host, "mqtt_port": b.port, "keepalive_s": 10},
+                    dev, heap=f"{kb}K", restart_on_exit=False)
+    try:
+        ch.wait_ready()
+        end = time.monotonic() + 10
+        while time.monotonic() < end and "mqtt connected" not in (dev / "firmware.log").read_text():
+            ch.poll(0.1)
+    except BaseException:
+        ch.close()
+        raise
+    return ch
+
+
 def ota_install(kb: int, workdir: Path, b=None) -> bool:
     bundle, pub_key = _bundle(workdir, "99.0.0")
     dev = Path(tempfile.mkdtemp(prefix=f"ota-{kb}-", dir=workdir))
@@ -175,13 +192,7 @@ def ota_install(kb: int, workdir: Path, b=None) -> bool:
     server, base = ota.serve(bundle.parent)
     pub = _publisher(b)
     try:
-        with SimCharger({"charger_id": "ota-m", "unit_rating_a": 32, "installer_max_a": 32,
-                         "t_wd_s": 10, "mqtt_host": b.host, "mqtt_port": b.port, "keepalive_s": 10},
-                        dev, heap=f"{kb}K", restart_on_exit=False) as ch:
-            ch.wait_ready()
-            end = time.monotonic() + 10
-            while time.monotonic() < end and "mqtt connected" not in (dev / "firmware.log").read_text():
-                ch.poll(0.1)
+        with _on_broker("ota-m", dev, b, kb) as ch:
             pub.publish("evse/ota-m/cmd", json.dumps({"v": 1, "cmd": "ota", "url": base + "/99.0.0/",
                                                       "version": "99.0.0"}), qos=1)
             end = time.monotonic() + 30
@@ -208,13 +219,7 @@ def ota_slot_boot(kb: int, workdir: Path, b=None) -> bool:
     (dev / "ota.json").write_text(json.dumps({"active": "a", "previous": "factory", "pending": False,
                                               "boots": 0, "version": "99.0.0", "rolled_back": None}))
     try:
-        with SimCharger({"charger_id": "slot-m", "unit_rating_a": 32, "installer_max_a": 32,
-                         "t_wd_s": 10, "mqtt_host": b.host, "mqtt_port": b.port, "keepalive_s": 10},
-                        dev, heap=f"{kb}K", restart_on_exit=False) as ch:
-            ch.wait_ready()
-            end = time.monotonic() + 10
-            while time.monotonic() < end and "mqtt connected" not in (dev / "firmware.log").read_text():
-                ch.poll(0.1)
+        with _on_broker("slot-m", dev, b, kb) as ch:
             ch.send({"cmd": "plug", "ev": {"max_a": 32, "delay_ms": 1000}})
             _wait(ch, lambda s: s["state"] == "C" and s["relay"], 10)
             ran_slot = str(slot) in ch.ask({"cmd": "code"}, "code")
