@@ -53,7 +53,7 @@ $(MPY_CROSS) $(MPY_SOURCES):
 help:
 	@echo "make sim         the simulated load group (SCENARIO=garage|shortage|busy-day|gfci)"
 	@echo "make charger     one simulated charger, no server"
-	@echo "make test        all tests: CPython, MicroPython unix port, make check"
+	@echo "make test        all tests: CPython, the device runtime (MicroPython 1.28.0), make check"
 	@echo "make test-cpython / make test-mpy   the two halves of make test"
 	@echo "make runtime     build the device runtime (MicroPython 1.28.0, 32-bit, float, GIL) into build/"
 	@echo "make image       the ESP32 image with the firmware frozen (DRY_RUN=1: print the commands)"
