@@ -27,7 +27,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 
 from evse_tools import broker as brokers
-from evse_tools.charger_sim import REPO, SimCharger
+from evse_tools.charger_sim import HEAP, REPO, SimCharger
 from evse_tools.server.db import GroupStore
 from evse_tools.sim.scenario import Scenario, ScenarioError, load
 
@@ -358,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     out_dir = Path(args.out)
     print(f"scenario {sc.name}: {sc.description}")
+    print(f"chargers: the firmware frozen into the device runtime (MicroPython v1.28.0, 32-bit, "
+          f"single-precision floats, GIL), heap {os.environ.get('EVSE_HEAP') or HEAP} each")
     print(f"broker: {broker.kind} at {broker.host}:{broker.port}; T_wd {sc.t_wd_s} s; "
           f"runs {sc.duration_s:g} s")
     try:
