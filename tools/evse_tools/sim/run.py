@@ -88,7 +88,13 @@ class LoadGroupSim:
     # -- setup -------------------------------------------------------------------
 
     def __enter__(self):
-        self.start()
+        try:
+            self.start()
+        except BaseException:
+            # A charger that never became ready (a heap too small, a crash at
+            # boot): the ones already started must not outlive the run.
+            self.close()
+            raise
         return self
 
     def __exit__(self, *exc):
