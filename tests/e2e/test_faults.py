@@ -1,6 +1,6 @@
 """The fault-injection suite's bounded CI run (issue 6): `evse-faults --quick`
 on real mosquitto brokers, the server as its own process, every charger the
-firmware on the MicroPython unix port. The full run is `make faults`.
+firmware on the device runtime at 48 KB. The full run is `make faults`.
 
 Values: three 40 A chargers on the seed's 50 A breaker (limit 40 A, DESIGN.md
 §1), T_wd 10 s, offline current floor(40 / 3) = 13 A (S3 fair fallback);

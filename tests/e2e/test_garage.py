@@ -1,5 +1,5 @@
 """The seed's garage end to end (issue 3 acceptance): two 40 A chargers on a
-50 A breaker, firmware on the MicroPython unix port, umqtt.simple, mosquitto,
+50 A breaker, firmware on the device runtime at 48 KB, umqtt.simple, mosquitto,
 and the load-group server as its own process. Values from the seed and
 tools/scenarios/garage.toml; times are the scenario's event times."""
 

@@ -1,4 +1,4 @@
-"""The firmware as its own process on the real MicroPython unix port, driven
+"""The firmware as its own process on the device runtime, driven
 over UDP like the simulator drives it (issue 2: one charger, no server)."""
 import json
 

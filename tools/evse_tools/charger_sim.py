@@ -1,7 +1,8 @@
-"""Run one simulated charger on the MicroPython unix port, with no server, and
-print its timeline.
+"""Run one simulated charger on the device runtime, with no server, and print
+its timeline.
 
-The charger is the real firmware (``main.py``) in a ``micropython`` process
+The charger is the real firmware (``main.py`` and the frozen ``firmware``
+package) in a process of the device runtime
 with the simulated board (:mod:`firmware.hal_sim`). This tool provisions its
 settings file, drives the board over UDP (plug in an EV, unplug) and prints
 each telemetry change. With no server the session starts at the start current
@@ -243,7 +244,8 @@ def run(t_wd_s: int, offline_a: float, plug_at: float, unplug_at: float, ev: dic
     with tempfile.TemporaryDirectory(prefix="evse-charger-") as tmp:
         with SimCharger(settings, Path(tmp)) as ch:
             first = ch.wait_ready()
-            out(f"firmware on the MicroPython unix port, simulated board on udp {ch.port}; "
+            out(f"firmware frozen into the device runtime (MicroPython v1.28.0, 32-bit, float, GIL), "
+                f"heap {ch.heap}; simulated board on udp {ch.port}; "
                 f"no server. T_wd {t_wd_s} s, start 8 A, offline {offline_a:g} A")
             t0 = time.monotonic() - first["t_ms"] / 1000
             plugged = unplugged = False
