@@ -17,8 +17,10 @@ MICROPYTHON := $(RUNTIME)/micropython
 MPY_CROSS := $(RUNTIME)/mpy-cross
 # The folders themselves too: their times change when a file is added,
 # removed or renamed, which the files' own times do not show.
-RUNTIME_INPUTS := $(wildcard device-runtime/*) image/manifest.py $(wildcard firmware/*.py) \
-	firmware device-runtime tools/setup/device-runtime.sh
+FIRMWARE_PY := $(wildcard firmware/*.py firmware/*/*.py)
+SIMBOARD_PY := $(wildcard tools/simboard/*.py)
+RUNTIME_INPUTS := $(wildcard device-runtime/*) image/manifest.py $(FIRMWARE_PY) $(SIMBOARD_PY) \
+	firmware $(wildcard firmware/*/) tools/simboard device-runtime tools/setup/device-runtime.sh
 # The MicroPython v1.28.0 sources the runtime is built from (lib/ is copied
 # from their micropython-lib).
 MPY_SOURCES := build/micropython-1.28.0/.complete
@@ -30,7 +32,7 @@ MPY_SOURCES := build/micropython-1.28.0/.complete
 FW_TEST_HEAP ?= 256K
 
 # Device-side files: compiled by mpy-cross and type-checked by pyright.
-DEVICE_PY := boot.py main.py $(wildcard firmware/*.py)
+DEVICE_PY := boot.py main.py $(FIRMWARE_PY) $(SIMBOARD_PY)
 
 .PHONY: help sim charger test test-cpython test-mpy check lib venv clean bench faults flash deploy repl provision sysdeps runtime image
 

@@ -1,11 +1,11 @@
 # Device entry point (DESIGN.md §2). It picks the firmware slot (factory or
-# an OTA slot, with rollback, see firmware/otaboot.py, which always comes
+# an OTA slot, with rollback, see firmware/ota/boot.py, which always comes
 # from the factory firmware), then builds the hardware layer and runs the
 # application under the supervisor, which forces the safe state (contactor
 # open, pilot static +12 V) on any unhandled error.
 import sys
 
-from firmware import otaboot
+from firmware.ota import boot as otaboot
 
 _root = "/" if sys.platform == "esp32" else (sys.argv[sys.argv.index("--dir") + 1] if "--dir" in sys.argv else ".")
 _slot, _path = otaboot.select(_root)

@@ -2,4 +2,4 @@
 # manifest the ESP32 image build uses) and the simulated board and EV, which
 # only a simulated charger has.
 include("../image/manifest.py", device_runtime=True)
-package("firmware", files=["hal_sim.py", "ev_model.py"], base_path="..")
+package("simboard", base_path="../tools")

@@ -1,10 +1,13 @@
 """Diagnostics for a technician at the serial REPL (``from firmware import diag``).
 
-They run *beside* the live control loop, which keeps its own thread: reading
-is harmless, and everything that acts (a self-test, a fault reset, stopping)
-is a request the control loop carries out in its own tick, so the REPL never
-drives the hardware behind its back. Settings changed here go through the
-same validation as the MQTT path.
+They run *beside* the live control loop, which keeps its own thread. They
+read the core only through its snapshot (:mod:`firmware.core.snapshot`), and
+everything that acts (a self-test, a fault reset, a settings change,
+stopping) is a command on the core's queue (:mod:`firmware.core.commands`)
+that the control loop carries out in its own tick: the REPL never drives the
+hardware behind its back, and a diagnostic that fails cannot stop the
+charger. Settings changed here go through the same validation as the MQTT
+path, and are saved by the write-behind, between ticks.
 
     >>> from firmware import diag
     >>> diag.status()          # state, pilot A, measured A, limit and reason, lease, fault
@@ -17,21 +20,20 @@ same validation as the MQTT path.
     >>> diag.reset_fault()
     >>> diag.stop()            # end the control loop: contactor open, pilot +12 V
 """
-import time
-
 COMMISSIONING = ("unit_rating_a", "installer_max_a")
 """Limits only provisioning may change: no typo at the REPL may raise them."""
 
 _charger = None
-_uplink = None
+_bridge = None
 _wlan = None
 
 
-def attach(charger, uplink, wlan=None):
+def attach(charger, bridge, wlan=None):
     """Point the diagnostics at a charger (tests; :mod:`firmware.start`
-    when this module is already imported)."""
-    global _charger, _uplink, _wlan
-    _charger, _uplink, _wlan = charger, uplink, wlan
+    when this module is already imported). ``bridge``: its
+    :class:`firmware.net.bridge.ServerBridge` (or None)."""
+    global _charger, _bridge, _wlan
+    _charger, _bridge, _wlan = charger, bridge, wlan
 
 
 def _adopt():
@@ -52,27 +54,28 @@ def _c():
 
 
 def status():
-    """Print and return the live status (dict)."""
-    c = _c()
-    st = c.status()
+    """Print and return the live status (dict, see
+    :class:`firmware.core.snapshot.Snapshot`)."""
+    st = _c().status()
+    temp = st["temp_c"]
     print("state %s  pilot %s A  measured %.1f A  limit %s A (%s)" % (
         st["state"], st["pilot_a"], st["measured_a"], st["limit_a"], st["limit_by"]))
     print("lease %.1f s (%s)  offline %s A  start %s A  T_wd %d s" % (
         st["lease_age_ms"] / 1000, "online" if st["online"] else "expired", st["offline_a"],
         st["start_a"], st["t_wd_s"]))
-    print("fault %s%s  contactor %s  temp %.1f C  reset reason %s" % (
+    print("fault %s%s  contactor %s  temp %s C  reset reason %s" % (
         st["fault"], " (lockout)" if st["lockout"] else "", "closed" if st["relay"] else "open",
-        st["temp_c"], st["reset_reason"]))
+        "%.1f" % temp if temp == temp else "unreadable", st["reset_reason"]))
     return st
 
 
 def pilot():
-    """Print and return the raw pilot levels and their classification."""
-    r = _c().reader
-    out = {"high_mv": r.high_mv, "low_mv": r.low_mv, "state": r.state, "diode_ok": r.diode_ok,
-           "recent": list(r._recent)}
-    print("high %d mV  low %d mV  -> state %s  diode %s  last samples %s" % (
-        r.high_mv, r.low_mv, r.state, "ok" if r.diode_ok else "not seen", out["recent"]))
+    """Print and return the pilot levels and their classification."""
+    st = _c().status()
+    out = {"high_mv": st["high_mv"], "low_mv": st["low_mv"], "state": st["state"],
+           "diode_ok": st["diode_ok"]}
+    print("high %d mV  low %d mV  -> state %s  diode %s" % (
+        out["high_mv"], out["low_mv"], out["state"], "ok" if out["diode_ok"] else "not seen"))
     return out
 
 
@@ -83,64 +86,70 @@ def log(n=10):
     for t, text in list(c.events)[-n:]:
         print("%8.1f s ago  %s" % (c.clock.ticks_diff(now, t) / 1000, text))
     print("fault log (uptime s, code, detail):")
-    for entry in c.fault_log.recent(n):
+    for entry in list(c.fault_log.entries)[-n:]:
         print("  %s" % (entry,))
 
 
 def net():
     """Print and return WiFi and MQTT state and the age of the last valid setpoint."""
-    c = _c()
-    now = c.clock.ticks_ms()
-    link = _uplink.link if _uplink is not None else None
+    st = _c().status()
+    link = _bridge.link if _bridge is not None else None
     out = {
         "wifi": {"connected": _wlan.isconnected()} if _wlan is not None else None,
         "mqtt": link.stats() if link is not None else None,
-        "setpoint_age_s": c.arbiter.lease_age_ms(now) / 1000 if c.arbiter.ack_seq is not None else None,
+        "setpoint_age_s": st["lease_age_ms"] / 1000 if st["ack_seq"] is not None else None,
     }
     print("wifi %s" % (out["wifi"],))
     print("mqtt %s" % (out["mqtt"],))
     print("last valid setpoint %s s ago (seq %s, epoch %s)" % (
-        out["setpoint_age_s"], c.arbiter.ack_seq, c.arbiter.epoch))
+        out["setpoint_age_s"], st["ack_seq"], st["epoch"]))
     return out
 
 
 def settings():
     """Print and return the settings (secrets are kept apart and not shown)."""
-    values = dict(_c().settings.values)
+    values = dict(_c().settings.values)    # replaced whole by the core: a consistent read
     for k in sorted(values):
         print("%-16s %r" % (k, values[k]))
     return values
 
 
-def set(key, value):
-    """Change one setting with the same validation as the MQTT path; persist
-    it. Prints ``refused: ...`` and changes nothing on a bad key or value."""
+def set(key, value, wait_ms=3000):
+    """Change one setting with the same validation as the MQTT path; it is
+    saved behind the tick. Prints ``refused: ...`` and changes nothing on a
+    bad key or value. ``wait_ms`` 0: queue it and return at once."""
     if key in COMMISSIONING:
         print("refused: %s is a commissioning value: set it with `make provision`, which parks "
               "the charger first" % key)
         return False
-    try:
-        changed = _c().settings.set(key, value)
-    except ValueError as exc:
-        print("refused: %s" % exc)
+    outcome = _ask("settings", {key: value}, wait_ms, quiet=True)
+    if outcome is None:
         return False
-    except OSError as exc:
-        print("in force but not saved: %s" % exc)
+    if outcome.startswith("refused") or outcome.startswith("failed"):
+        print(outcome)
         return False
-    print("%s = %r%s" % (key, value, "" if changed else " (unchanged)"))
+    print("%s = %r (%s; saved behind the tick)" % (key, value, outcome))
     return True
 
 
-def _ask(name, wait_ms=3000):
+def _ask(name, arg=None, wait_ms=3000, quiet=False):
     c = _c()
-    c.request(name)
-    t0 = time.ticks_ms()
+    clock = c.clock
+    t0 = clock.ticks_ms()
+    while not c.request(name, arg):          # the queue refuses rather than blocks
+        if clock.ticks_diff(clock.ticks_ms(), t0) > wait_ms:
+            print("%s: the control loop's queue stays full" % name)
+            return None
+        clock.sleep_ms(20)
+    if not wait_ms:
+        return "queued"
     while name not in c.results:
-        if time.ticks_diff(time.ticks_ms(), t0) > wait_ms:
+        if clock.ticks_diff(clock.ticks_ms(), t0) > wait_ms:
             print("%s: no answer from the control loop" % name)
             return None
-        time.sleep_ms(20)
-    print("%s: %s" % (name, c.results[name]))
+        clock.sleep_ms(20)
+    if not quiet:
+        print("%s: %s" % (name, c.results[name]))
     return c.results[name]
 
 
@@ -155,6 +164,10 @@ def reset_fault():
 
 
 def stop():
-    """End the control loop: contactor open, pilot static +12 V."""
-    _c().request("stop")
-    print("stop requested")
+    """End the control loop by the stop path: stop offering, open the
+    contactor once the EV has stopped drawing (or after 6 s), pilot +12 V."""
+    if _c().request("stop"):
+        print("stop requested")
+        return True
+    print("stop: the control loop's queue is full: try again")
+    return False

@@ -1,7 +1,7 @@
 """The hardware-abstraction layer: the one interface the application drives.
 
 Two implementations: :mod:`firmware.hal_esp32` (the charger board) and
-:mod:`firmware.hal_sim` (a simulated board carrying a simulated EV). The
+:mod:`simboard.board` (a simulated board carrying a simulated EV). The
 application only ever calls the methods below; none of them may block for
 more than a pilot burst (about 2 ms on the ESP32).
 
@@ -28,6 +28,9 @@ class Board:
       Attributes rather than a returned tuple: the 10 ms control tick then
       allocates nothing (issue 12).
     * ``measured_a()`` -> current drawn through the contactor, A (float >= 0).
+    * ``measured_ma()`` -> the same reading in mA (int >= 0): the energy count
+      uses it, so that the tick does no float arithmetic (each float result
+      is a heap allocation on the ESP32).
     * ``temp_c()`` -> board temperature, degrees C.
     * ``gfci_tripped()`` -> True while the CCID reports residual current.
     * ``relay_sense()`` -> True while the contactor's output side is live
@@ -59,6 +62,9 @@ class Board:
         raise NotImplementedError
 
     def measured_a(self):
+        raise NotImplementedError
+
+    def measured_ma(self):
         raise NotImplementedError
 
     def temp_c(self):

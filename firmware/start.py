@@ -1,36 +1,35 @@
-"""Build the hardware layer and the application for the platform, and run it
-under the supervisor. Called by ``main.py``; not pure (it owns the wiring).
+"""Build the safety core and its edges for the platform, and run the control
+loop under the fail-safe. Called by ``main.py`` on the ESP32; the simulated
+charger (``tools/simboard``) calls :func:`build` and :func:`start_control`
+with its own board. Not pure: it owns the wiring.
 
-The control loop runs on a thread of its own, under the supervisor, so that
-the serial REPL stays free for a technician (:mod:`firmware.diag`): the
-diagnostics run *beside* the live control loop and go through it for
-anything that touches the hardware. Ctrl-C at the REPL therefore does not
-stop charging; ``diag.stop()`` does, leaving the board safe.
-
-* ``esp32``: :class:`firmware.hal_esp32.Esp32Board`, settings on the device
-  root, WiFi, ``machine.reset()`` after a crash (the reason kept in RTC
-  memory), then the REPL.
-* anything else (the MicroPython unix port): the simulated board, controlled
-  over UDP; see :func:`sim`.
+The control loop runs on a thread of its own, so that the serial REPL stays
+free for a technician (:mod:`firmware.diag`): the diagnostics run *beside*
+the live control loop and reach the core only through its command queue and
+snapshot. Ctrl-C at the REPL therefore does not stop charging;
+``diag.stop()`` does, by the normal stop path.
 """
 import sys
 import time
 
 import _thread
 
-from firmware import app, settings
-from firmware.supervisor import supervise
+from firmware import loop
+from firmware.core.charger import Charger
+from firmware.failsafe import supervise
 from firmware.version import FW
 
-_STACK = 16384
-"""Stack of the control thread, bytes (the ESP32's default of 4 KB is tight)."""
+STACK = 16384
+"""Stack of the control and link threads, bytes. The ESP32's default of 4 KB
+is tight for the control loop, and the link thread runs the TLS handshake,
+which MicroPython's own 16 KB main task is sized for. On the ESP32 a thread's
+stack comes from the IDF heap, not from the MicroPython heap."""
+REBOOT = 3
+"""Exit status of the control loop for a reboot (:data:`firmware.core.commands.REBOOT`)."""
+
 running = None
-"""``(charger, uplink, wlan)`` of the running charger, for :mod:`firmware.diag`,
+"""``(charger, bridge, wlan)`` of the running charger, for :mod:`firmware.diag`,
 which is imported only when a technician asks for it at the REPL."""
-_LINK_STACK = 16384
-"""Stack of the MQTT link thread, bytes: it runs the TLS handshake, which
-MicroPython's own 16 KB main task is sized for. On the ESP32 a thread's stack
-comes from the IDF heap, not from the MicroPython heap."""
 
 
 def topics(cfg):
@@ -40,63 +39,89 @@ def topics(cfg):
             "state": (base + "state").encode(), "online": (base + "online").encode()}
 
 
-def link_up(cfg, secrets, charger, root, reboot=None, network_ready=None):
-    """Start the MQTT link thread and return the :class:`firmware.uplink.Uplink`
-    that the control loop polls, or None when no broker is configured."""
-    from firmware import ota
-    from firmware.uplink import Uplink
-
-    updater = ota.Updater(root, FW)
-    health = ota.Health(root, charger.clock, cfg["ota_health_s"])
+def link_factory(cfg, secrets, network_ready=None):
+    """Return ``(make_link, None)``, where ``make_link()`` builds a new,
+    unstarted :class:`firmware.net.mqtt.MqttLink` from the settings, or
+    ``(None, reason)`` when the charger must run without a server: no
+    ``mqtt_host``, an unusable CA, or a CA provisioned (or ``mqtt_tls``
+    unreadable) with TLS off, which would send the broker password in the
+    clear."""
     if not cfg["mqtt_host"]:
-        charger.log("no mqtt_host set: running without a server")
-        return Uplink(charger, None, FW, reboot, updater, health)
-    from firmware import mqtt_link
+        return None, "no mqtt_host set: running without a server"
+    from firmware.net import mqtt
 
     tls_wrap = None
     if cfg["mqtt_tls"]:
         try:
-            cas = mqtt_link.pem_certificates(secrets["ca_cert"])
+            cas = mqtt.pem_certificates(secrets["ca_cert"])
         except ValueError as exc:
             # Never fall back to plain MQTT or to an unverified broker.
-            charger.log("mqtt_tls is set but the CA certificate is unusable (%s): "
-                        "running without a server" % exc)
-            return Uplink(charger, None, FW, reboot, updater, health)
-        tls_wrap = mqtt_link.tls_wrapper(cas, cfg["mqtt_host"])
+            return None, ("mqtt_tls is set but the CA certificate is unusable (%s): "
+                          "running without a server" % exc)
+        tls_wrap = mqtt.tls_wrapper(cas, cfg["mqtt_host"])
     elif secrets["ca_cert"] or "mqtt_tls" in cfg.rejected:
-        # A CA was provisioned, or mqtt_tls is unreadable: TLS was meant. Plain
-        # MQTT would hand the broker password to anyone on the network.
-        charger.log("a CA is provisioned or mqtt_tls is unreadable, but TLS is off: not sending "
-                    "the broker password in the clear; running without a server")
-        return Uplink(charger, None, FW, reboot, updater, health)
-    link = mqtt_link.MqttLink(cfg["charger_id"], cfg["mqtt_host"], cfg["mqtt_port"], topics(cfg),
-                              cfg["keepalive_s"], secrets["mqtt_user"] or None,
-                              secrets["mqtt_password"] or None, network_ready=network_ready,
-                              tls_wrap=tls_wrap)
-    if sys.platform == "esp32":
-        _thread.stack_size(_LINK_STACK)   # before the thread starts, or it gets 4 KB
-    link.start()
+        return None, ("a CA is provisioned or mqtt_tls is unreadable, but TLS is off: not sending "
+                      "the broker password in the clear; running without a server")
+
+    def make():
+        return mqtt.MqttLink(cfg["charger_id"], cfg["mqtt_host"], cfg["mqtt_port"], topics(cfg),
+                             cfg["keepalive_s"], secrets["mqtt_user"] or None,
+                             secrets["mqtt_password"] or None, network_ready=network_ready,
+                             tls_wrap=tls_wrap)
+
+    return make, None
+
+
+def build(board, clock, cfg, secrets, root, log=None, network_ready=None):
+    """Build the core (:class:`firmware.core.charger.Charger`) and its edges:
+    the server bridge, OTA, and the link watch when a broker is configured;
+    start the link thread. Returns ``(charger, bridge, edges)``, ``edges``
+    being the :class:`firmware.loop.Edge` list for :func:`firmware.loop.run`."""
+    from firmware.net.bridge import OtaEdge, ServerBridge
+    from firmware.ota import update as ota
+
+    charger = Charger(board, clock, cfg, log)
+    updater = ota.Updater(root, FW)
+    health = ota.Health(root, clock, cfg["ota_health_s"])
+    make_link, why = link_factory(cfg, secrets, network_ready)
+    link = make_link() if make_link is not None else None
+    bridge = ServerBridge(charger, link, cfg["charger_id"], FW, updater)
+    edges = [loop.Edge("server bridge", bridge.poll, clock, charger.log),
+             loop.Edge("ota", OtaEdge(charger, updater, health, FW, board.mark_app_valid).poll,
+                       clock, charger.log)]
+    if make_link is None or link is None:
+        charger.log(why)
+        return charger, bridge, edges
+    from firmware.net.watch import LinkWatch
+
+    watch = LinkWatch(bridge, make_link, clock, charger.log)
+    edges.append(loop.Edge("link watch", watch.poll, clock, charger.log))
+    try:
+        link.start()
+    except Exception as exc:  # noqa: BLE001 - the link watch starts it again
+        charger.log("mqtt link thread did not start: %s" % exc)
     charger.log("mqtt link to %s:%d%s started" % (cfg["mqtt_host"], cfg["mqtt_port"],
-                                                  " (TLS)" if tls_wrap else ""))
-    return Uplink(charger, link, FW, reboot, updater, health)
+                                                  " (TLS)" if cfg["mqtt_tls"] else ""))
+    return charger, bridge, edges
 
 
-def _attach(charger, uplink, wlan):
+def attach(charger, bridge, wlan):
+    """Publish the running charger for :mod:`firmware.diag`."""
     global running
-    running = (charger, uplink, wlan)
+    running = (charger, bridge, wlan)
     diag = sys.modules.get("firmware.diag")
     if diag is not None:            # imported before the charger started
-        diag.attach(charger, uplink, wlan)
+        diag.attach(charger, bridge, wlan)
 
 
-def _start_control(charger, board, poll, crashed, done):
-    """Run the control loop under the supervisor on its own thread; ``done``
+def start_control(charger, board, edges, crashed, done):
+    """Run the control loop under the fail-safe on its own thread; ``done``
     (a list) receives the exit status when it ends."""
     def body():
-        done.append(supervise(lambda: app.run(charger, charger.clock, poll), board, crashed))
+        done.append(supervise(lambda: loop.run(charger, charger.clock, edges), board, crashed))
 
     if sys.platform == "esp32":
-        _thread.stack_size(_STACK)
+        _thread.stack_size(STACK)
     _thread.start_new_thread(body, ())
 
 
@@ -105,120 +130,37 @@ def esp32():
     control loop runs on."""
     import machine
     import network
+    from firmware.core import settings
     from firmware.hal_esp32 import Esp32Board
 
     board = Esp32Board()
     board.safe_state()
     cfg, secrets = settings.load("")
-    charger = app.Charger(board, time, cfg, print)
     wlan = network.WLAN(network.STA_IF)
     wlan.active(True)
     if secrets["wifi_ssid"]:
         wlan.connect(secrets["wifi_ssid"], secrets["wifi_password"])  # returns at once
-
-    def reboot():
-        board.safe_state()
-        board.write_reset_reason("reboot")
-        machine.reset()
-
-    uplink = link_up(cfg, secrets, charger, "/", reboot, wlan.isconnected)
-
-    def crashed(exc):
-        if isinstance(exc, SystemExit):      # diag.stop(): stay safe, no reset
-            return 0
-        board.write_reset_reason("crash: %s: %s" % (type(exc).__name__, exc))
-        sys.print_exception(exc)  # type: ignore[attr-defined]
-        time.sleep_ms(1000)
-        machine.reset()
-
-    _attach(charger, uplink, wlan)
-    _start_control(charger, board, uplink.poll, crashed, [])
-
-
-def _arg(argv, name, default):
-    if name in argv:
-        i = argv.index(name)
-        if i + 1 < len(argv):
-            return argv[i + 1]
-        raise SystemExit("%s needs a value" % name)
-    return default
-
-
-def sim(argv):
-    """Run one simulated charger on the unix port.
-
-    Options: ``--dir DIR`` (the charger's root: settings.json, secrets.json,
-    faults.json, ota.json and the OTA slots; default ``.``), ``--ctl-port N``
-    (UDP control port on 127.0.0.1, default 7700), ``--reset-cause TEXT``
-    (what the board reports as its reset reason; the harness's watchdog
-    passes ``watchdog``), ``--repl`` (return to the REPL of ``micropython
-    -i`` with the control loop running, for :mod:`firmware.diag`),
-    ``--tick-offset MS`` (the board and the charger run on a
-    :class:`firmware.hal_sim.WrapClock` whose ``ticks_ms`` starts at MS and
-    wraps at 2^30 ms like the ESP32's; e.g. 2^30 - 20000 crosses the wrap
-    20 s after boot, C6; without it they use ``time``). With
-    ``mqtt_host`` set it connects to that broker like a real charger. Exits
-    0 on the ``quit`` command, 3 on a reboot request (a ``reboot`` command or
-    a switched OTA update), 1 after a crash (the board made safe each time).
-    """
-    from firmware.hal_sim import SimBoard, UdpControl
-
-    directory = _arg(argv, "--dir", ".")
-    try:
-        port = int(_arg(argv, "--ctl-port", "7700"))
-    except ValueError:
-        raise SystemExit("error: --ctl-port must be a port number")
-    clock = time
-    offset = _arg(argv, "--tick-offset", None)
-    if offset is not None:
-        from firmware.hal_sim import TICKS_PERIOD, WrapClock
-        try:
-            start = int(offset)
-        except ValueError:
-            raise SystemExit("error: --tick-offset must be a number of ms")
-        if not 0 <= start < TICKS_PERIOD:
-            raise SystemExit("error: --tick-offset must be 0..2^30-1 ms")
-        clock = WrapClock(start)
-    board = SimBoard(clock)
-    board.reset_reason = _arg(argv, "--reset-cause", "power_on")
-    cfg, secrets = settings.load(directory)
-
-    def log(text):
-        print("[%s] %s" % (cfg["charger_id"], text))
-
-    charger = app.Charger(board, clock, cfg, log)
-    try:
-        control = UdpControl(board, charger, port)
-    except OSError as exc:
-        raise SystemExit("error: cannot listen on udp 127.0.0.1:%d: %s" % (port, exc))
-    log("simulated board on udp 127.0.0.1:%d, firmware %s" % (port, FW))
-
-    def reboot():
-        raise SystemExit(3)
-
-    uplink = link_up(cfg, secrets, charger, directory, reboot)
-
-    def poll():
-        uplink.poll()
-        return control.poll()
+    _thread.stack_size(STACK)       # before any thread starts, or it gets 4 KB
+    charger, bridge, edges = build(board, time, cfg, secrets, "/", print, wlan.isconnected)
 
     def crashed(exc):
         if isinstance(exc, SystemExit):
-            return exc.args[0] if exc.args else 0
-        print("crash: %s: %s (board made safe)" % (type(exc).__name__, exc))
-        return 1
+            code = exc.args[0] if exc.args else 0
+            if code != REBOOT:       # diag.stop(): stay safe, no reset
+                return code
+            board.write_reset_reason("reboot")
+        else:
+            board.write_reset_reason("crash: %s: %s" % (type(exc).__name__, exc))
+            sys.print_exception(exc)  # type: ignore[attr-defined]
+            time.sleep_ms(1000)
+        try:
+            charger.writer.flush()   # the board is safe: nothing waits on flash now
+        except Exception:  # noqa: BLE001 - the reset must happen whatever
+            pass
+        machine.reset()
 
-    done = []
-    _attach(charger, uplink, None)
-    _start_control(charger, board, poll, crashed, done)
-    if "--repl" in argv:
-        return
-    while not done:
-        time.sleep_ms(50)
-    if uplink.link is not None:
-        uplink.link.stop()
-    control.close()
-    sys.exit(done[0] or 0)
+    attach(charger, bridge, wlan)
+    start_control(charger, board, edges, crashed, [])
 
 
 def main():
@@ -226,4 +168,5 @@ def main():
     if sys.platform == "esp32":
         esp32()
     else:
-        sim(sys.argv)
+        from simboard import run
+        run.main(sys.argv)

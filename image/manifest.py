@@ -9,8 +9,6 @@
 #       the esp32 module) and cannot be included from another port, so its
 #       micropython-lib requirements are listed here instead; a host test
 #       (tests/host/test_device_runtime.py) checks they are the same list.
-import os
-
 options.defaults(device_runtime=False)
 
 # What ports/esp32/boards/manifest.py (v1.28.0) requires from micropython-lib.
@@ -26,8 +24,7 @@ else:
     # bundle-networking, umqtt.simple 1.7.0, umqtt.robust, ...
     include("$(PORT_DIR)/boards/manifest.py")
 
-# The firmware package, without the simulator-only modules (the simulated
-# board and EV exist only in the device runtime; see tools/evse_tools/deploy.py).
-SIM_ONLY = ("hal_sim.py", "ev_model.py")
-package("firmware", files=sorted(f for f in os.listdir("../firmware")
-                                 if f.endswith(".py") and f not in SIM_ONLY), base_path="..")
+# The firmware package, whole: every module in it runs on the charger. The
+# simulated board and EV live in tools/simboard, outside it, so nothing has
+# to be left out by name.
+package("firmware", base_path="..")

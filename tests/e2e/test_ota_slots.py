@@ -18,8 +18,6 @@ def install_slot(root, tmp_path, version="9.0.0"):
     vfile = tmp_path / "version.py"
     vfile.write_text('FW = "%s"\n' % version)
     files["firmware/version.py"] = vfile
-    for name in ("hal_sim.py", "ev_model.py"):     # the simulated board is part of this device
-        files["firmware/" + name] = files["firmware/app.py"].parent / name
     bundle = ota.build(keys / "ota_private.pem", version, files, tmp_path / "bundle")
     slot = root / "ota" / "a"
     shutil.copytree(bundle / "files", slot)
@@ -37,11 +35,12 @@ def test_installed_slot_shadows_the_frozen_firmware_and_rollback_returns_to_it(t
     root = tmp_path / "dev"
     root.mkdir()
     slot = install_slot(root, tmp_path)
-    assert sorted(p.suffix for p in (slot / "firmware").iterdir()) == [".mpy"] * len(
-        list((slot / "firmware").iterdir()))                   # bytecode, never source
+    files = [p for p in (slot / "firmware").rglob("*") if p.is_file()]
+    assert files and {p.suffix for p in files} == {".mpy"}    # bytecode, never source
+    assert (slot / "firmware" / "core" / "charger.mpy").is_file()
     with SimCharger({"charger_id": "slot-1"}, root, heap=SLOT_HEAP, restart_on_exit=False) as ch:
         ch.wait_ready()
-        assert code(ch) == str(slot / "firmware" / "app.mpy")   # the slot, not the image
+        assert code(ch) == str(slot / "firmware" / "core" / "charger.mpy")   # the slot, not the image
         # Never confirmed (no server): the power is cut during the trial.
         ch.power_cut()
         assert code(ch) == "frozen"                             # rolled back to the factory code

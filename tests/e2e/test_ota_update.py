@@ -24,9 +24,6 @@ def make_bundle(tmp_path):
     version = tmp_path / "version.py"
     version.write_text('FW = "%s"\n"""Firmware version, reported as ``fw`` in the state message."""\n' % NEW)
     files["firmware/version.py"] = version
-    # The simulated charger's board is part of its "device": ship it too.
-    for name in ("hal_sim.py", "ev_model.py"):
-        files["firmware/" + name] = ota.default_files()["firmware/version.py"].parent / name
     bundle = ota.build(keys / "ota_private.pem", NEW, files, tmp_path / "bundles" / "v9")
     return bundle, keys / "ota_key.json"
 

@@ -2,7 +2,7 @@
 mosquitto, and two chargers that follow the wire contract (§4) with EVs
 that lag the pilot as IEC 61851-1 allows.
 
-Each charger is the firmware's own limit arbiter (``firmware/limit.py``,
+Each charger is the firmware's own limit arbiter (``firmware/core/limit.py``,
 through :class:`evse_tools.sim.virtual.VirtualCharger`) behind a paho client:
 it applies ``set`` messages, reports its state on change and every second
 (with ``ack_seq`` and ``ack_epoch``), and its EV follows every pilot change

@@ -13,7 +13,11 @@ class FakeClock:
     """An injected ``time``-like clock with the ESP32 tick period.
 
     ``ticks_ms()`` returns the current tick; ``advance(ms)`` moves it.
-    The default start is 5 s before the wrap, as C6 asks of host tests."""
+    The default start is 5 s before the wrap, as C6 asks of host tests.
+    The arithmetic stays within MicroPython's 31-bit small ints, as the
+    ESP32's own ``ticks_diff``/``ticks_add`` do: the clock allocates nothing,
+    so allocation measurements see only the firmware. ``|delta|`` and
+    differences are below 2^29 ms, as on the device."""
 
     def __init__(self, start=PERIOD - 5000):
         self.now = start % PERIOD
@@ -23,13 +27,26 @@ class FakeClock:
         return self.now
 
     def ticks_add(self, t, delta):
-        return (t + delta) % PERIOD
+        u = t - _HALF + delta          # in (-2^30, 2^30): a small int
+        if u >= _HALF:
+            return u - _HALF
+        if u < -_HALF:
+            return u + _HALF + _HALF + _HALF
+        return u + _HALF
 
     def ticks_diff(self, a, b):
-        return ((a - b + _HALF) % PERIOD) - _HALF
+        d = a - b
+        if d >= _HALF:
+            return d - _HALF - _HALF
+        if d < -_HALF:
+            return d + _HALF + _HALF
+        return d
 
     def advance(self, ms):
-        self.now = (self.now + ms) % PERIOD
+        while ms > _HALF // 2:         # large jumps in steps the arithmetic can take
+            self.now = self.ticks_add(self.now, _HALF // 2)
+            ms -= _HALF // 2
+        self.now = self.ticks_add(self.now, ms)
 
     def sleep_ms(self, ms):
         self.slept += ms
@@ -122,26 +139,64 @@ class CutFs:
 
 
 class FakeLink:
-    """What :class:`firmware.uplink.Uplink` sees of the MQTT link: received
+    """What :class:`firmware.net.bridge.ServerBridge` and
+    :class:`firmware.net.watch.LinkWatch` see of the MQTT link: received
     ``(kind, payload)`` waiting in ``inbox``, state payloads offered in
-    ``sent``, and the status fields it logs."""
+    ``sent``, the status fields the bridge logs, and the link thread's
+    ``running`` and ``beat`` (its heartbeat). ``fail`` (an exception, or None)
+    is raised by every ``offer_state`` while set: a report that cannot be
+    built or handed over. ``started`` and ``abandoned`` count what the watch
+    did to it."""
 
-    def __init__(self):
+    def __init__(self, running=True):
         self.inbox = []
         self.sent = []
         self.connected = True
         self.last_error = None
         self.last_connect_ms = None
         self.keepalive_s = 30
+        self.running = running
+        self.beat = 0
+        self.fail = None
+        self.started = 0
+        self.abandoned = False
 
     def take(self):
+        if not self.inbox:
+            return ()             # as the real link: nothing waiting allocates nothing
         got = self.inbox
         self.inbox = []
         return got
 
     def offer_state(self, payload):
+        if self.fail is not None:
+            raise self.fail
         self.sent.append(payload)
         return True
+
+    def start(self, spawn=None):
+        if spawn is not None:
+            spawn(None, ())
+        self.started += 1
+        self.running = True
+
+    def abandon(self):
+        self.abandoned = True
+
+
+class FakeSpawn:
+    """A thread starter (``_thread.start_new_thread``) that raises ``fail``
+    (an exception, or None) instead of starting; ``calls`` counts the tries.
+    Nothing runs: the fakes' state says what a thread would have done."""
+
+    def __init__(self, fail=None):
+        self.fail = fail
+        self.calls = 0
+
+    def __call__(self, fn, args):
+        self.calls += 1
+        if self.fail is not None:
+            raise self.fail
 
 
 class FakeNet:

@@ -1,9 +1,10 @@
 """Builders shared by the firmware tests in both runtimes (no pytest needed)."""
 from fakes import CutFs, FakeClock
 
-from firmware import app, settings
-from firmware.ev_model import SimEv
-from firmware.hal_sim import SimBoard
+from firmware.core import charger as app
+from firmware.core import settings
+from simboard.ev import SimEv
+from simboard.board import SimBoard
 
 T_WD_S = 30
 
@@ -24,7 +25,7 @@ def make_store(values=None, fs=None):
     if values:
         import json
         fs.files["settings.json"] = json.dumps(values)
-    return settings.Store("settings.json", settings.SCHEMA, fs)
+    return settings.Settings("settings.json", settings.SCHEMA, fs)
 
 
 def make_charger(values=None, start=None):
@@ -40,9 +41,11 @@ def make_charger(values=None, start=None):
 
 
 def run_ms(charger, clock, ms, tick_ms=app.TICK_MS):
-    """Run the control loop for ``ms`` ms of virtual time."""
+    """Run the control loop for ``ms`` ms of virtual time: each tick, then the
+    write-behind's step, as :func:`firmware.loop.run` does."""
     for _ in range(ms // tick_ms):
         charger.tick()
+        charger.writer.step()
         clock.advance(tick_ms)
 
 

@@ -1,9 +1,10 @@
 """The charger end to end in one process: pilot, state machine, contactor (C2, C3, C7, C8, C10)."""
 from harness import ev, make_charger, run_ms, setpoint
 
-from firmware import evse, pilot
-from firmware.hal_sim import SimBoard
-from firmware.supervisor import supervise
+from firmware.core import evse
+from firmware.core import pilot
+from simboard.board import SimBoard
+from firmware.failsafe import supervise
 
 
 def first_pwm(board):

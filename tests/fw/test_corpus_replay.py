@@ -1,6 +1,6 @@
 """Replays the fuzzing corpus (tests/corpus/*.jsonl) through the firmware's
 parsers, as the charger meets them: ``set`` and ``cmd`` payloads delivered
-to the Uplink as the MQTT link hands them over, settings and state files
+to the server bridge as the MQTT link hands them over, settings and state files
 read at boot, OTA paths, versions, manifests and downloads (C3, C5, C9).
 
 Runs on CPython (pytest) and on the MicroPython unix port
@@ -18,10 +18,15 @@ from binascii import a2b_base64
 from fakes import CutFs, FakeClock, FakeLink
 from harness import make_store
 
-from firmware import app, faults, ota_verify, otaboot, settings, setpoint
-from firmware.hal_sim import SimBoard
-from firmware.ota import Updater
-from firmware.uplink import Uplink
+from firmware.core import charger as app
+from firmware.core import faults
+from firmware.ota import verify as ota_verify
+from firmware.ota import boot as otaboot
+from firmware.core import settings
+from firmware.core import setpoint
+from simboard.board import SimBoard
+from firmware.ota.update import Updater
+from firmware.net.bridge import OtaEdge, ServerBridge
 
 CORPUS = __file__.rsplit("/", 2)[0] + "/corpus" if "/" in __file__ else "../corpus"
 PRESET = {"unit_rating_a": 40, "installer_max_a": 40, "t_wd_s": 30}
@@ -47,7 +52,7 @@ def payload(case):
 
 class Rig:
     """A charger on a simulated board with an injected clock (5 s before the
-    tick wrap), its Uplink, a real OTA Updater that never downloads, and an
+    tick wrap), its server bridge, a real OTA Updater that never downloads, and an
     in-memory flash."""
 
     def __init__(self, files=None, reset_reason="power_on"):
@@ -61,14 +66,28 @@ class Rig:
         self.reboots = []
         self.updater = Updater("", FW, self.fs)
         self.updater._run = lambda req: None      # no download thread work
-        self.uplink = Uplink(self.charger, self.link, FW, reboot=lambda: self.reboots.append(1),
-                             updater=self.updater)
+        self.bridge = ServerBridge(self.charger, self.link, PRESET.get("charger_id", "evse-1"), FW,
+                                   self.updater)
+        self.ota = OtaEdge(self.charger, self.updater, None, FW)
         self.charger.tick()
         self.clock.advance(1000)
 
     def deliver(self, kind, data):
         self.link.inbox.append((kind, data))
-        self.uplink.poll()
+        for _ in range(2):             # the bridge queues; the core carries out at its tick
+            self.bridge.poll()
+            self.ota.poll()
+            self.tick()
+
+    def tick(self):
+        """One control tick and the write-behind, as the control loop runs them;
+        a reboot (the stop path's SystemExit(3)) is counted."""
+        try:
+            self.charger.tick()
+        except SystemExit as exc:
+            assert exc.args[0] == 3, exc.args
+            self.reboots.append(1)
+        self.charger.writer.flush()
 
     def snapshot(self):
         """Everything a refused message must leave alone."""
@@ -117,14 +136,14 @@ def test_cmd_corpus_gives_the_same_verdict_on_every_runtime_and_a_refusal_change
     for case in cases("cmd.jsonl"):
         r = Rig()
         before = r.snapshot()
-        refused = r.uplink.commands_refused
+        refused = r.bridge.commands_refused
         r.deliver("cmd", payload(case))
         want = case["accept"]
         if want is False:
             assert r.snapshot() == before, case["why"]
-            assert r.uplink.commands_refused == refused + 1, case["why"]
+            assert r.bridge.commands_refused == refused + 1, case["why"]
             continue
-        assert r.uplink.commands_refused == refused, (case["why"], r.charger.events[-1:])
+        assert r.bridge.commands_refused == refused, (case["why"], r.charger.events[-1:])
         # No command feeds the watchdog or touches the limit in force; only a
         # new T_wd moves the fallback, by the change of T_wd.
         after = r.snapshot()
@@ -151,7 +170,7 @@ def test_settings_corpus_loads_to_the_values_written_and_never_rewrites_the_file
         text = data.decode() if "text" in case else data
         fs = CutFs({name: text})
         schema = settings.SCHEMA if name == "settings.json" else settings.SECRETS
-        store = settings.Store(name, schema, fs)
+        store = settings.Settings(name, schema, fs)
         for key in case["expect"]:
             assert store[key] == case["expect"][key], (case["why"], key, store[key])
         assert fs.files == {name: text} and fs.steps == [], case["why"]

@@ -1,8 +1,8 @@
 """The simulated EV must behave like the reference (DESIGN.md §5)."""
 from harness import raises
 
-from firmware import pilot
-from firmware.ev_model import SimEv
+from firmware.core import pilot
+from simboard.ev import SimEv
 
 
 def test_ev_draws_what_it_reads_after_its_response_delay():

@@ -4,7 +4,9 @@ talks plain MQTT, which would hand its broker password to the network."""
 from fakes import FakeClock
 from harness import make_store, raises
 
-from firmware import mqtt_link, settings, start
+from firmware.net import mqtt as mqtt_link
+from firmware.core import settings
+from firmware import start
 
 # Two throwaway CA certificates (EC P-256, made by evse-server broker-setup;
 # their keys were discarded).
@@ -43,11 +45,10 @@ class _Charger:
 
 def _link_up(values, secrets):
     cfg = make_store(values)
-    sec = settings.Store("secrets.json", settings.SECRETS, cfg.fs)
+    sec = settings.Settings("secrets.json", settings.SECRETS, cfg.fs)
     for k in secrets:
         sec.values[k] = secrets[k]
-    ch = _Charger()
-    return start.link_up(cfg, sec, ch, "no-such-dir"), ch
+    return start.link_factory(cfg, sec)
 
 
 def test_pem_ca_becomes_der_for_mbedtls():
@@ -73,26 +74,25 @@ def test_broken_ca_certificate_is_refused_not_half_used():
 
 
 def test_tls_with_an_unusable_ca_runs_without_a_server_never_plain_mqtt():
-    up, ch = _link_up({"mqtt_host": "broker.lan", "mqtt_tls": True}, {"ca_cert": "not a cert"})
-    assert up.link is None
-    assert "CA certificate is unusable" in ch.lines[-1]
+    make, why = _link_up({"mqtt_host": "broker.lan", "mqtt_tls": True}, {"ca_cert": "not a cert"})
+    assert make is None
+    assert "CA certificate is unusable" in why
 
 
 def test_provisioned_ca_with_tls_off_never_sends_the_password_in_the_clear():
-    up, ch = _link_up({"mqtt_host": "broker.lan", "mqtt_tls": False},
-                      {"ca_cert": CA_A, "mqtt_user": "bay-1", "mqtt_password": "s3cret"})
-    assert up.link is None
-    assert "not sending the broker password in the clear" in ch.lines[-1]
+    make, why = _link_up({"mqtt_host": "broker.lan", "mqtt_tls": False},
+                         {"ca_cert": CA_A, "mqtt_user": "bay-1", "mqtt_password": "s3cret"})
+    assert make is None
+    assert "not sending the broker password in the clear" in why
 
 
 def test_unreadable_mqtt_tls_flag_never_means_plain_mqtt():
     cfg = make_store({"mqtt_host": "broker.lan", "mqtt_tls": "yes"})
     assert cfg["mqtt_tls"] is False and cfg.problems        # the default, with a problem noted
-    sec = settings.Store("secrets.json", settings.SECRETS, cfg.fs)
-    ch = _Charger()
-    up = start.link_up(cfg, sec, ch, "no-such-dir")
-    assert up.link is None
-    assert "not sending the broker password in the clear" in ch.lines[-1]
+    sec = settings.Settings("secrets.json", settings.SECRETS, cfg.fs)
+    make, why = start.link_factory(cfg, sec)
+    assert make is None
+    assert "not sending the broker password in the clear" in why
 
 
 class MQTTException(Exception):

@@ -7,7 +7,8 @@ import time
 from fakes import CutFs, FakeClock, PowerCut
 from harness import raises
 
-from firmware import ota, otaboot
+from firmware.ota import update as ota
+from firmware.ota import boot as otaboot
 import test_ota_verify as tov
 
 ROOT = "dev"
@@ -36,7 +37,7 @@ def device(files=None, cut_at=None):
 
 
 def key(fs):
-    from firmware import ota_verify
+    from firmware.ota import verify as ota_verify
     return ota_verify.load_key(fs.files["dev/ota_key.json"])
 
 

@@ -1,4 +1,4 @@
-"""The charger's HTTP download of an OTA bundle (firmware/ota.py http_get)
+"""The charger's HTTP download of an OTA bundle (firmware/ota/update.py http_get)
 against hostile and broken servers: nothing a server sends may exhaust the
 charger's 48 KB heap, which the control loop shares, or hold the download
 for ever. The bytes are fixtures written from RFC 9112 (HTTP/1.1 message
@@ -6,7 +6,7 @@ syntax), served one byte per read where it matters."""
 from fakes import FakeClock, FakeNet
 from harness import raises
 
-from firmware import ota
+from firmware.ota import update as ota
 
 URL = "http://ota.local:8080/b/files/firmware/app.mpy"
 
@@ -81,7 +81,7 @@ def test_server_dripping_a_byte_every_4_s_is_cut_off_at_the_deadline():
 def test_manifest_downloaded_into_a_bytearray_is_parsed_in_place():
     # http_get returns a bytearray; strictjson once read its keys as dict keys
     # and the device runtime refused them (NotImplementedError: unhashable).
-    from firmware import strictjson
+    from firmware.core import strictjson
     body, _ = get(b'HTTP/1.0 200 OK\r\nContent-Length: 24\r\n\r\n{"body":"x","sig":"ab"}\n')
     assert type(body) is bytearray
     assert strictjson.loads(body) == {"body": "x", "sig": "ab"}

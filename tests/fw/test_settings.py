@@ -4,7 +4,7 @@ import json
 from fakes import CutFs, PowerCut
 from harness import raises
 
-from firmware import settings
+from firmware.core import settings
 
 CORRUPT = ("", "{", "null", "[]", "\x00\x00\x00", '{"offline_a": 8', "garbage",
            '"settings"', "1e309", "[" * 20000, '{"a": ' * 5000, "{" + " " * 9000 + "}",
@@ -12,7 +12,7 @@ CORRUPT = ("", "{", "null", "[]", "\x00\x00\x00", '{"offline_a": 8', "garbage",
 
 
 def test_missing_settings_file_gives_8a_start_and_8a_offline_never_unit_max():
-    cfg = settings.Store("settings.json", settings.SCHEMA, CutFs())
+    cfg = settings.Settings("settings.json", settings.SCHEMA, CutFs())
     assert cfg["start_a"] == 8
     assert cfg["offline_a"] == 8
     assert cfg["installer_max_a"] == 16
@@ -26,13 +26,13 @@ def test_settings_file_larger_than_the_whole_heap_gives_8a_start_and_8a_offline(
     # could hold, so it must never be read whole (found by review: MemoryError).
     import random
 
-    from firmware import store
+    from firmware.core import atomicfile as store
     path = "/tmp/evse-fw-test-huge-settings-%d.json" % random.getrandbits(30)
     with open(path, "w") as f:
         for _ in range(100):
             f.write("[" * 1000)
     try:
-        cfg = settings.Store(path, settings.SCHEMA, store.FS)
+        cfg = settings.Settings(path, settings.SCHEMA, store.FS)
         assert (cfg["start_a"], cfg["offline_a"], cfg["installer_max_a"]) == (8, 8, 16)
         assert cfg.problems
     finally:
@@ -44,7 +44,7 @@ def test_corrupt_settings_file_gives_8a_start_and_8a_offline():
     # Deep nesting and huge files included: loading must never raise, or the
     # charger would never start (found by review: RecursionError, MemoryError).
     for text in CORRUPT:
-        cfg = settings.Store("settings.json", settings.SCHEMA, CutFs({"settings.json": text}))
+        cfg = settings.Settings("settings.json", settings.SCHEMA, CutFs({"settings.json": text}))
         assert (cfg["start_a"], cfg["offline_a"], cfg["installer_max_a"]) == (8, 8, 16), text[:40]
         assert cfg.problems, text[:40]
 
@@ -52,7 +52,7 @@ def test_corrupt_settings_file_gives_8a_start_and_8a_offline():
 def test_bad_field_falls_back_to_its_own_default_only():
     text = json.dumps({"offline_a": "lots", "start_a": 3, "t_wd_s": 5, "installer_max_a": 24,
                        "unit_rating_a": True})
-    cfg = settings.Store("settings.json", settings.SCHEMA, CutFs({"settings.json": text}))
+    cfg = settings.Settings("settings.json", settings.SCHEMA, CutFs({"settings.json": text}))
     assert (cfg["offline_a"], cfg["start_a"], cfg["t_wd_s"]) == (8, 8, 30)
     assert cfg["installer_max_a"] == 24
     assert cfg["unit_rating_a"] == 32
@@ -62,19 +62,19 @@ def test_bad_field_falls_back_to_its_own_default_only():
 def test_power_cut_at_every_step_of_a_write_leaves_old_or_new_never_none():
     old = {"offline_a": 10, "start_a": 8}
     base = CutFs({"settings.json": json.dumps(old)})
-    probe = settings.Store("settings.json", settings.SCHEMA, CutFs(base.files))
+    probe = settings.Settings("settings.json", settings.SCHEMA, CutFs(base.files))
     probe.update({"offline_a": 12})
     total = len(probe.fs.steps)
     assert total >= 4      # open, write (2 halves), close, sync, rename
     outcomes = []
     for cut in range(total + 1):
         fs = CutFs(base.files, cut_at=cut)
-        cfg = settings.Store("settings.json", settings.SCHEMA, fs)
+        cfg = settings.Settings("settings.json", settings.SCHEMA, fs)
         try:
             cfg.update({"offline_a": 12})
         except PowerCut:
             pass
-        after = settings.Store("settings.json", settings.SCHEMA, CutFs(fs.files))
+        after = settings.Settings("settings.json", settings.SCHEMA, CutFs(fs.files))
         assert not after.problems, (cut, after.problems)
         assert after["offline_a"] in (10, 12), cut
         outcomes.append(after["offline_a"])
@@ -83,7 +83,7 @@ def test_power_cut_at_every_step_of_a_write_leaves_old_or_new_never_none():
 
 def test_settings_are_written_only_when_a_value_changes():
     fs = CutFs()
-    cfg = settings.Store("settings.json", settings.SCHEMA, fs)
+    cfg = settings.Settings("settings.json", settings.SCHEMA, fs)
     assert cfg.update({"offline_a": 8, "start_a": 8}) is False
     assert fs.steps == []
     assert cfg.update({"offline_a": 6}) is True
@@ -94,7 +94,7 @@ def test_settings_are_written_only_when_a_value_changes():
 
 def test_bad_update_changes_nothing_all_or_nothing():
     fs = CutFs()
-    cfg = settings.Store("settings.json", settings.SCHEMA, fs)
+    cfg = settings.Settings("settings.json", settings.SCHEMA, fs)
     for bad in ({"offline_a": 10, "start_a": "abc"}, {"offline_a": 5}, {"nope": 1},
                 {"t_wd_s": 9}, {"t_wd_s": 601}, {"t_wd_s": 30.5}, {"charger_id": "Bad Id"},
                 {"offline_a": float("nan")}, {"installer_max_a": 81}):
@@ -106,7 +106,7 @@ def test_bad_update_changes_nothing_all_or_nothing():
 
 
 def test_error_messages_say_what_is_wrong():
-    cfg = settings.Store("settings.json", settings.SCHEMA, CutFs())
+    cfg = settings.Settings("settings.json", settings.SCHEMA, CutFs())
     assert "offline_a must be a number" in str(raises(ValueError, cfg.set, "offline_a", "abc"))
     assert "0 or 6..80" in str(raises(ValueError, cfg.set, "offline_a", 3))
     assert "unknown setting" in str(raises(ValueError, cfg.set, "offlne_a", 8))
@@ -125,9 +125,9 @@ def test_secrets_live_in_their_own_file_apart_from_settings():
 
 def test_settings_survive_a_reload():
     fs = CutFs()
-    cfg = settings.Store("settings.json", settings.SCHEMA, fs)
+    cfg = settings.Settings("settings.json", settings.SCHEMA, fs)
     cfg.update({"offline_a": 10, "start_a": 6, "t_wd_s": 60, "charger_id": "garage-2"})
-    again = settings.Store("settings.json", settings.SCHEMA, CutFs(fs.files))
+    again = settings.Settings("settings.json", settings.SCHEMA, CutFs(fs.files))
     assert (again["offline_a"], again["start_a"], again["t_wd_s"], again["charger_id"]) == \
         (10, 6, 60, "garage-2")
     assert again.problems == []

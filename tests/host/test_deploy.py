@@ -26,7 +26,7 @@ import pytest
 
 from evse_tools import deploy
 from evse_tools.charger_sim import micropython_cmd
-from firmware import settings as fw_settings
+from firmware.core import settings as fw_settings
 
 REPO = Path(__file__).resolve().parents[2]
 PY = sys.executable
@@ -90,8 +90,8 @@ def build_dir(tmp_path, monkeypatch):
 
 
 def device_modules():
-    return sorted(p.name for p in (REPO / "firmware").glob("*.py")
-                  if p.name not in ("hal_sim.py", "ev_model.py"))
+    root = REPO / "firmware"
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*.py"))
 
 
 # --- flash
@@ -209,25 +209,25 @@ def test_deploy_dry_run_compiles_every_device_module_and_never_the_simulator(mon
                          "firmware/" + m] for m in device_modules()]
     names = {c[-1] for c in compiled}
     assert "firmware/__init__.py" in names and "firmware/hal_esp32.py" in names
-    assert not names & {"firmware/hal_sim.py", "firmware/ev_model.py", "boot.py", "main.py"}
+    assert "firmware/core/charger.py" in names and "firmware/core/__init__.py" in names
+    assert not [n for n in names if "simboard" in n] and not names & {"boot.py", "main.py"}
 
 
 def test_deploy_dry_run_copies_every_mpy_and_keeps_boot_and_main_as_source(monkeypatch):
     out, cmds = deploy_dry_run(monkeypatch)
     dev = MP + ["connect", "/dev/ttyUSB0"]
-    mpys = ["build/deploy/firmware/%s.mpy" % m[:-3] for m in device_modules()]
     device = [c for c in cmds if c[:5] == dev]
     assert device == [
         dev + ["exec", deploy.PARK, "+", "reset"],
         dev + ["exec", "import umqtt.simple"],
         dev + ["exec", deploy.PREP_FIRMWARE],
-        dev + ["fs", "cp", *mpys, ":firmware/", "+", "fs", "cp", "boot.py", ":boot.py"],
+        dev + ["fs", "cp", "-r", "build/deploy/firmware", ":firmware", "+", "fs", "cp", "boot.py", ":boot.py"],
         dev + ["exec", deploy.PREP_LIB, "+", "fs", "cp", "lib/umqtt/simple.py", ":lib/umqtt/simple.py"],
         dev + ["fs", "cp", "main.py", ":main.py", "+", "exec", deploy.FINISH, "+", "reset"],
     ]
-    assert not [a for c in device for a in c if "hal_sim" in a or "ev_model" in a]
+    assert not [a for c in device for a in c if "simboard" in a]
     # main.py goes back last, after everything it imports is in place
-    assert out.index("exec 'import umqtt.simple'") < out.index(":firmware/") < out.index(":main.py")
+    assert out.index("exec 'import umqtt.simple'") < out.index("cp -r build/deploy/firmware") < out.index(":main.py")
 
 
 def test_deploy_dry_run_copies_umqtt_only_in_the_missing_branch(monkeypatch):
@@ -242,7 +242,7 @@ def test_deploy_dry_run_copies_the_ota_public_key_as_ota_key_json(monkeypatch, t
     key = tmp_path / "ota_pub.json"
     key.write_text('{"n": "c0ffee", "e": 65537}')
     _, cmds = deploy_dry_run(monkeypatch, "--ota-key", key)
-    copy = [c for c in cmds if ":firmware/" in c][0]
+    copy = [c for c in cmds if "build/deploy/firmware" in c][0]
     assert copy[-5:] == ["+", "fs", "cp", str(key), ":ota_key.json"]
 
 
@@ -637,13 +637,14 @@ def test_fake_esp32_deploy_replaces_the_firmware_and_never_writes_while_the_watc
     assert code == 0
     assert board.writes_while_armed() == []
     assert board.hard_resets == 2  # parked, then started
-    assert sorted(p.name for p in (old_board / "firmware").iterdir()) == \
+    root = old_board / "firmware"
+    assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()) == \
         sorted(m[:-3] + ".mpy" for m in device_modules())
     assert (old_board / "main.py").read_text() == (REPO / "main.py").read_text()
     assert (old_board / "boot.py").read_text() == (REPO / "boot.py").read_text()
     assert not (old_board / "main.off").exists() and not (old_board / "ota.json").exists()
     assert (old_board / "lib" / "umqtt" / "simple.py").exists() is not frozen_umqtt
-    proc = mpy_import(old_board, "firmware.start", "firmware.settings", "firmware.otaboot")
+    proc = mpy_import(old_board, "firmware.start", "firmware.core.settings", "firmware.ota.boot")
     assert proc.stdout == "imported\n", proc.stderr
 
 
@@ -734,6 +735,6 @@ def test_frozen_deploy_dry_run_copies_only_boot_and_main_and_removes_the_shadowi
     prep = next(i for i, c in enumerate(cmds) if deploy.PREP_FROZEN in c)
     assert probe < prep                                  # a failed probe changes nothing
     assert 'sys.path[:] = [".frozen"]' in deploy.PROBE_FROZEN
-    assert 'os.rmdir("firmware")' in deploy.PREP_FROZEN and "ota.json" in deploy.PREP_FROZEN
+    assert 'r("firmware")' in deploy.PREP_FROZEN and "ota.json" in deploy.PREP_FROZEN
     copied = [a for c in cmds for a in c if a.startswith(":")]
     assert copied == [":boot.py", ":main.py"] and execs

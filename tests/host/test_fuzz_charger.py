@@ -3,7 +3,7 @@ the network or from flash (C3, C4, C5, C9; issue 6).
 
 Messages go in as they arrive: the bytes of an MQTT PUBLISH pass the link's
 framer (which sees the retain flag), the link queues the payload, and the
-Uplink hands it to the charger on the next poll, with the repo's FakeClock
+server bridge queues it for the core, which applies it at its next tick, with the repo's FakeClock
 (2^30 ms ticks) started anywhere, near the wrap included.
 
 The setpoint's verdict is checked against an independent reference built on
@@ -25,10 +25,15 @@ from fakes import CutFs, FakeClock, PERIOD
 from harness import make_store
 from hypothesis import HealthCheck, event, given, settings as hsettings, strategies as st
 
-from firmware import app, faults, ota, ota_verify, otaboot, settings
-from firmware.hal_sim import SimBoard
-from firmware.mqtt_link import MqttLink
-from firmware.uplink import Uplink
+from firmware.core import charger as app
+from firmware.core import faults
+from firmware.ota import update as ota
+from firmware.ota import verify as ota_verify
+from firmware.ota import boot as otaboot
+from firmware.core import settings
+from simboard.board import SimBoard
+from firmware.net.mqtt import MqttLink
+from firmware.net.bridge import OtaEdge, ServerBridge
 
 FUZZ = hsettings(max_examples=int(os.environ.get("EVSE_FUZZ_EXAMPLES", "400")), deadline=None,
                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -200,15 +205,24 @@ class Rig:
         self.reboots = 0
         self.updater = ota.Updater("", FW, self.fs)
         self.updater._run = lambda req: None           # never downloads
-        self.uplink = Uplink(self.charger, self.link, FW, reboot=self._reboot, updater=self.updater)
+        self.bridge = ServerBridge(self.charger, self.link, "bay-1", FW, self.updater)
+        self.ota = OtaEdge(self.charger, self.updater, None, FW)
 
-    def _reboot(self):
-        self.reboots += 1
+    def tick(self):
+        """One control tick and the write-behind, as the control loop runs
+        them; a reboot (the stop path's SystemExit(3)) is counted."""
+        try:
+            self.charger.tick()
+        except SystemExit as exc:
+            assert exc.args[0] == 3, exc.args
+            self.reboots += 1
+        self.charger.writer.flush()
 
     def run_ms(self, ms):
         for _ in range(ms // app.TICK_MS):
-            self.charger.tick()
-            self.uplink.poll()
+            self.tick()
+            self.bridge.poll()
+            self.ota.poll()
             self.clock.advance(app.TICK_MS)
 
     def arrive(self, topic, payload, retain=False, qos=1):
@@ -223,7 +237,10 @@ class Rig:
                 break
         self.link.framer.feed(bytes([0x30 | qos << 1 | int(retain)]) + length + body)
         self.link._on_message(topic, payload)
-        self.uplink.poll()
+        for _ in range(2):           # the bridge queues; the core carries it out at its tick
+            self.bridge.poll()
+            self.ota.poll()
+            self.tick()
 
     def snapshot(self):
         a = self.charger.arbiter
@@ -234,7 +251,7 @@ class Rig:
                 "offline_a": self.store["offline_a"], "start_a": self.store["start_a"],
                 "t_wd_s": self.store["t_wd_s"], "files": dict(self.fs.files),
                 "fault": self.charger.evse.fault, "ota": self.updater.status,
-                "reboot": (self.reboots, self.uplink._reboot_pending)}
+                "reboot": (self.reboots, self.bridge._reboot_pending)}
 
 
 def _prior(rig, draw_prior):
@@ -284,7 +301,7 @@ def test_setpoint_as_delivered_gets_the_reference_verdict_and_a_refusal_changes_
     assert after["limit"] == ((0, "pause") if cap < 6 else (cap, "unit" if current > 32 else "setpoint"))
     assert after["offline_a"] == (before["offline_a"] if offline is None else offline)
     assert after["start_a"] == (before["start_a"] if start_a is None else start_a)
-    stored = settings.Store("settings.json", settings.SCHEMA, CutFs(dict(rig.fs.files)))
+    stored = settings.Settings("settings.json", settings.SCHEMA, CutFs(dict(rig.fs.files)))
     assert (stored["offline_a"], stored["start_a"]) == (after["offline_a"], after["start_a"])
 
 
@@ -352,15 +369,15 @@ def test_command_as_delivered_never_crashes_and_a_refused_one_changes_nothing(pa
     rig.run_ms(100)
     _prior(rig, prior)
     before = rig.snapshot()
-    refused = rig.uplink.commands_refused
+    refused = rig.bridge.commands_refused
     rig.arrive(TOPICS["cmd"], payload, retain)
     after = rig.snapshot()
     event("retained or empty" if retain or not payload else
-          "refused" if rig.uplink.commands_refused == refused + 1 else "accepted")
+          "refused" if rig.bridge.commands_refused == refused + 1 else "accepted")
     if retain or not payload:
-        assert after == before and rig.uplink.commands_refused == refused
+        assert after == before and rig.bridge.commands_refused == refused
         return
-    if rig.uplink.commands_refused == refused + 1:
+    if rig.bridge.commands_refused == refused + 1:
         assert after == before
         return
     # Accepted: a strict-JSON v1 object naming a known command.
@@ -419,7 +436,7 @@ def test_any_settings_or_secrets_file_loads_to_valid_values_and_is_never_rewritt
     content = data.decode("utf-8", "replace") if as_text else data
     fs = CutFs({which: content})
     schema = settings.SCHEMA if which == "settings.json" else settings.SECRETS
-    store = settings.Store(which, schema, fs)
+    store = settings.Settings(which, schema, fs)
     assert fs.files == {which: content} and fs.steps == []
     parsed = _strict(content.encode("utf-8", "surrogatepass") if as_text else data)
     if len(content) > settings.MAX_FILE or _depth(parsed) > 4 or any(

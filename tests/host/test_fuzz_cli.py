@@ -30,7 +30,7 @@ from evse_tools import ota as ota_tool
 from evse_tools.bench import run as bench
 from evse_tools.server import cli as server_cli
 from evse_tools.sim import run as sim
-from firmware import settings as fw_settings
+from firmware.core import settings as fw_settings
 
 FUZZ = hsettings(max_examples=int(os.environ.get("EVSE_FUZZ_EXAMPLES", "150")), deadline=None,
                  suppress_health_check=[HealthCheck.too_slow])
@@ -160,7 +160,7 @@ def test_evse_deploy_refuses_a_bad_value_cleanly_and_writes_nothing(template, va
             line = next(s for s in out.splitlines() if s.startswith("# settings.json: "))
             text = line[len("# settings.json: "):]
             fs = _OneFile(text)
-            store = fw_settings.Store("settings.json", fw_settings.SCHEMA, fs)
+            store = fw_settings.Settings("settings.json", fw_settings.SCHEMA, fs)
             assert store.problems == []
         if argv[0] == "flash" and "--baud" in argv:
             assert 9600 <= int(value) <= 5000000

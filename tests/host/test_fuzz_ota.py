@@ -26,7 +26,9 @@ from fakes import CutFs
 from hypothesis import HealthCheck, event, given, settings as hsettings, strategies as st
 
 from evse_tools import ota as ota_tool
-from firmware import ota, ota_verify, otaboot
+from firmware.ota import update as ota
+from firmware.ota import verify as ota_verify
+from firmware.ota import boot as otaboot
 
 FUZZ = hsettings(max_examples=int(os.environ.get("EVSE_FUZZ_EXAMPLES", "300")), deadline=None,
                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -36,7 +38,7 @@ KEY = ota_verify.load_key(ota_tool.public_key_json(_PRIVATE.public_key()))
 CURRENT = "1.0.0"
 
 paths = st.sampled_from([
-    "firmware/app.py", "firmware/new.py", "firmware/sub/x.mpy", "data/blob.bin", "boot.py",
+    "firmware/core/charger.py", "firmware/new.py", "firmware/sub/x.mpy", "data/blob.bin", "boot.py",
     "../boot.py", "/boot.py", "firmware/../../boot.py", "firmware/..", "./firmware/a.py",
     "firmware//a.py", "firmware/", "firmware\\a.py", "firmware/a b.py", "", "firmware/" + "a" * 60,
     "firmware/\u00e9.py", "firmware/a.py\u0000", "~/x", "C:/x", "firmware/a.py/b"]) | st.text(max_size=12)
@@ -47,7 +49,7 @@ contents = st.binary(max_size=40)
 def bundles(draw):
     """(manifest bytes, {path: content served}, the body as signed)."""
     clean = draw(st.booleans())      # half are good bundles, to reach the install
-    good_paths = st.sampled_from(["firmware/app.py", "firmware/new.py", "firmware/sub/x.mpy", "data/b.bin"])
+    good_paths = st.sampled_from(["firmware/core/charger.py", "firmware/new.py", "firmware/sub/x.mpy", "data/b.bin"])
     files = draw(st.lists(st.tuples(good_paths if clean else paths, contents), min_size=clean, max_size=4,
                           unique_by=lambda f: f[0]))
     entries, served = [], {}

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from evse_tools import ota
-from firmware import ota_verify
+from firmware.ota import verify as ota_verify
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -115,11 +115,11 @@ def test_build_default_files_are_the_device_files_without_the_simulator(keys, tm
     out = ota.build(priv, "0.9.0", None, tmp_path / "b")
     paths = [e["path"] for e in ota.verify(out, pub)["files"]]
     assert "boot.py" not in paths and "main.py" not in paths   # they hold the rollback
-    assert "firmware/app.mpy" in paths and "firmware/ota_verify.mpy" in paths
+    assert "firmware/core/charger.mpy" in paths and "firmware/ota/verify.mpy" in paths
     assert not [p for p in paths if p.endswith(".py")]        # never source
-    assert "firmware/hal_sim.mpy" not in paths and "firmware/ev_model.mpy" not in paths
-    expected = {f"firmware/{p.stem}.mpy" for p in (REPO / "firmware").glob("*.py")}
-    expected -= {"firmware/hal_sim.mpy", "firmware/ev_model.mpy"}
+    assert not [p for p in paths if "simboard" in p]
+    expected = {p.relative_to(REPO).with_suffix(".mpy").as_posix()
+                for p in (REPO / "firmware").rglob("*.py")}
     assert set(paths) == expected
 
 

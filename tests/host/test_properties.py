@@ -10,8 +10,10 @@ from fakes import CutFs, FakeClock
 from harness import make_store
 from hypothesis import given, settings as hsettings, strategies as st
 
-from firmware import pilot, setpoint, settings
-from firmware.limit import LimitArbiter
+from firmware.core import pilot
+from firmware.core import setpoint
+from firmware.core import settings
+from firmware.core.limit import LimitArbiter
 
 json_scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20)
 json_values = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=4)
@@ -55,7 +57,7 @@ def test_duty_is_off_or_within_6_to_80a_and_never_above_ideal(amps):
 
 @given(st.text(max_size=300) | st.builds(lambda d: json.dumps(d), near_setpoints))
 def test_any_settings_file_loads_to_values_inside_the_schema(text):
-    store = settings.Store("settings.json", settings.SCHEMA, CutFs({"settings.json": text}))
+    store = settings.Settings("settings.json", settings.SCHEMA, CutFs({"settings.json": text}))
     for name, (_default, check) in settings.SCHEMA.items():
         assert check(store[name], name) == store[name]
     assert store["start_a"] == 0 or store["start_a"] >= 6

@@ -3,7 +3,7 @@ its timeline.
 
 The charger is the real firmware (``main.py`` and the frozen ``firmware``
 package) in a process of the device runtime
-with the simulated board (:mod:`firmware.hal_sim`). This tool provisions its
+with the simulated board (:mod:`simboard.board`). This tool provisions its
 settings file, drives the board over UDP (plug in an EV, unplug) and prints
 each telemetry change. With no server the session starts at the start current
 (8 A) and falls to the offline current once the connectivity watchdog

@@ -11,7 +11,7 @@ line, shell-quoted and prefixed ``+ ``, and touches no device):
   device's firmware lacks ``umqtt.simple``, and optionally the OTA public key.
 * ``repl``: mpremote's serial REPL.
 * ``provision``: writes ``settings.json`` and ``secrets.json`` (validated by
-  the firmware's own :mod:`firmware.settings`) to the device root.
+  the firmware's own :mod:`firmware.core.settings`) to the device root.
 
 Why deploy and provision first *park* the application. A running charger has
 started ``machine.WDT`` (5 s), which cannot be stopped and survives a soft
@@ -25,7 +25,7 @@ If a step fails or the cable is pulled, the board stays parked: it boots safe
 and idle until ``deploy`` or ``provision`` is run again. ``deploy`` also empties
 ``/firmware`` first (a stale ``.py`` would shadow its new ``.mpy``) and removes
 ``/ota.json``, so that the deployed (factory) firmware is what boots, not an
-OTA slot (see firmware/otaboot.py).
+OTA slot (see firmware/ota/boot.py).
 
 Errors: a user error (missing port or file, bad value) prints one ``error:``
 line and exits 1; a failing esptool or mpremote step prints the command and
@@ -56,8 +56,6 @@ FLASH_OFFSETS = {"esp32": 0x1000, "esp32s3": 0x0, "esp32c3": 0x0}
 ESP_IMAGE_MAGIC = 0xE9
 """First byte of an ESP bootloader/application image."""
 
-SIM_ONLY = ("hal_sim.py", "ev_model.py")
-"""``firmware/`` modules that only the simulator uses: never deployed."""
 BUILD = "build/deploy"
 """Where ``deploy`` puts the compiled firmware, relative to :data:`REPO`."""
 UMQTT = "lib/umqtt/simple.py"
@@ -82,17 +80,18 @@ PROBE_UMQTT = "import umqtt.simple"
 # Empty /firmware (a stale .py there would shadow the new .mpy: MicroPython
 # prefers .py), and drop ota.json so that the deployed (factory) firmware is
 # the one that boots, not an older OTA slot.
-PREP_FIRMWARE = ('import os; [os.remove("firmware/" + f) for f in os.listdir("firmware")] '
-                 'if "firmware" in os.listdir() else os.mkdir("firmware"); '
-                 '"ota.json" in os.listdir() and os.remove("ota.json")')
+_WIPE_FIRMWARE = ('import os; r = lambda p: [r(p + "/" + e[0]) if e[1] == 0x4000 else '
+                  'os.remove(p + "/" + e[0]) for e in os.ilistdir(p)] and 0 or os.rmdir(p); '
+                  '"firmware" in os.listdir() and r("firmware"); ')
+"""MicroPython (one line) that removes ``/firmware`` with its subpackages."""
+PREP_FIRMWARE = _WIPE_FIRMWARE + '"ota.json" in os.listdir() and os.remove("ota.json")'
+"""Before a copy: no old module may survive in ``/firmware``, and no
+``ota.json`` (the factory firmware boots); ``fs cp -r`` makes the folder."""
 # For an image with the firmware frozen in (make image): no /firmware at
 # all, since '' comes before .frozen on the ESP32's sys.path and a folder
 # there would shadow the frozen firmware; and no ota.json, so the frozen
 # factory firmware boots.
-PREP_FROZEN = ('import os; [os.remove("firmware/" + f) for f in os.listdir("firmware")] '
-               'if "firmware" in os.listdir() else None; '
-               '"firmware" in os.listdir() and os.rmdir("firmware"); '
-               '"ota.json" in os.listdir() and os.remove("ota.json")')
+PREP_FROZEN = PREP_FIRMWARE
 PROBE_FROZEN = 'import sys; sys.path[:] = [".frozen"]; import firmware.start'
 PREP_LIB = ('import os; "lib" in os.listdir() or os.mkdir("lib"); '
             '"umqtt" in os.listdir("lib") or os.mkdir("lib/umqtt")')
@@ -237,9 +236,11 @@ def cmd_flash(args):
 
 
 def device_modules(repo=REPO):
-    """Names of the ``firmware/*.py`` files deployed as .mpy (sorted): all but
-    the simulator-only :data:`SIM_ONLY`."""
-    return sorted(p.name for p in (Path(repo) / "firmware").glob("*.py") if p.name not in SIM_ONLY)
+    """Paths of the firmware package's ``.py`` files below ``firmware/``
+    (``core/charger.py``, ...), sorted: all deployed as .mpy. The simulated
+    board is not in the package (``tools/simboard``)."""
+    root = Path(repo) / "firmware"
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*.py"))
 
 
 MPY_CROSS = "build/device-runtime/mpy-cross"
@@ -297,8 +298,8 @@ def deploy_plan(port, modules, ota_key=None):
     """The mpremote steps of a deploy, as ``[(name, argv)]``; ``umqtt`` runs
     only when the ``probe`` says the device firmware has no umqtt.simple."""
     mp = _mpremote(port)
-    mpys = ["%s/firmware/%s.mpy" % (BUILD, m[:-3]) for m in modules]
-    copy = mp + ["fs", "cp", *mpys, ":firmware/", "+", "fs", "cp", "boot.py", ":boot.py"]
+    # The prepare step removed /firmware: "cp -r" makes it, with the subfolders.
+    copy = mp + ["fs", "cp", "-r", "%s/firmware" % BUILD, ":firmware", "+", "fs", "cp", "boot.py", ":boot.py"]
     if ota_key:
         copy += ["+", "fs", "cp", ota_key, ":ota_key.json"]
     return [
@@ -382,10 +383,11 @@ def cmd_deploy(args):
     if not dry and not (REPO / MPY_CROSS).is_file():
         raise UserError("%s is missing; run `make runtime` first" % MPY_CROSS)
     _show(["cd", str(REPO)])
-    print("# compile %d firmware modules (not %s)" % (len(modules), ", ".join(SIM_ONLY)))
+    print("# compile the %d modules of the firmware package" % len(modules))
     if not dry:
         shutil.rmtree(REPO / BUILD, ignore_errors=True)
-        (REPO / BUILD / "firmware").mkdir(parents=True)
+        for m in modules:
+            (REPO / BUILD / "firmware" / m).parent.mkdir(parents=True, exist_ok=True)
     for argv in compile_commands(modules):
         _step(argv, dry, cwd=REPO)
     skip_umqtt = [False]
@@ -433,7 +435,7 @@ def cmd_repl(args):
 
 
 class _ReadOnlyFs:
-    """Files held in memory (name -> text), for :class:`firmware.settings.Store`
+    """Files held in memory (name -> text), for :class:`firmware.core.settings.Settings`
     to load exactly as it loads them on the device."""
 
     def __init__(self, files):
@@ -448,7 +450,7 @@ class _ReadOnlyFs:
 def _fw_settings():
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
-    from firmware import settings
+    from firmware.core import settings
 
     return settings
 
@@ -458,12 +460,12 @@ def build_file(schema, name, values, options=None):
     holding ``values`` over the schema's defaults.
 
     Each value goes through the schema's validator, then the text is read back
-    by :class:`firmware.settings.Store` exactly as the device reads it.
+    by :class:`firmware.core.settings.Settings` exactly as the device reads it.
     Raises UserError naming the option (``options``: key -> option) and
     quoting the validator's message.
     """
     settings = _fw_settings()
-    st = settings.Store(name, schema, _ReadOnlyFs({}))  # no file: every default
+    st = settings.Settings(name, schema, _ReadOnlyFs({}))  # no file: every default
     result = dict(st.values)
     for key, value in values.items():
         try:
@@ -472,7 +474,7 @@ def build_file(schema, name, values, options=None):
             option = (options or {}).get(key)
             raise UserError("%s%s" % (option + ": " if option else "", exc))
     text = json.dumps(result)
-    back = settings.Store(name, schema, _ReadOnlyFs({name: text}))
+    back = settings.Settings(name, schema, _ReadOnlyFs({name: text}))
     if back.problems or back.values != result:
         raise UserError("%s would not load on the device: %s" % (name, "; ".join(back.problems)))
     return text

@@ -42,7 +42,7 @@ def device_env() -> dict:
 def compile_mpy(src: Path, dst: Path, source_name: str) -> bytes:
     """Compile ``src`` (a .py file) to ``dst`` with mpy-cross v1.28.0 and
     return the ``.mpy`` bytes. ``source_name`` is the name kept in tracebacks
-    (e.g. ``firmware/app.py``). Raises RuntimeError with mpy-cross's message
+    (e.g. ``firmware/core/charger.py``). Raises RuntimeError with mpy-cross's message
     when the source does not compile."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     r = subprocess.run([mpy_cross_cmd(), "-s", source_name, "-o", str(dst), str(src)],

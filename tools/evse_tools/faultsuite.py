@@ -9,7 +9,7 @@ one fault and returns a :class:`Result`. Faults go through small helpers:
 (SIGKILL) and a wiped persistence file, SIGKILL of the server and of a
 charger process (:meth:`SimCharger.power_cut`), a setpoint flood from a
 stand-in server, and the firmware's ``--tick-offset`` (its clock starts just
-before the ESP32's 2^30 ms tick wrap, :class:`firmware.hal_sim.WrapClock`).
+before the ESP32's 2^30 ms tick wrap, :class:`simboard.board.WrapClock`).
 
 The group (unless a scenario says otherwise): three 40 A chargers on a 50 A
 breaker, so the limit is 40 A (DESIGN.md §1: NEC 625.41, the seed chart);
@@ -467,7 +467,7 @@ def _check_settings_files(g: FaultGroup, res: Result) -> None:
     firmware's own loader too), and the server pushed the same offline and
     start currents (S3)."""
     sys.path.insert(0, str(REPO)) if str(REPO) not in sys.path else None
-    from firmware import settings as fw_settings
+    from firmware.core import settings as fw_settings
     for cid, ch in g.chargers.items():
         path = ch.workdir / "settings.json"
         exp = g.provisioned(cid)

@@ -10,7 +10,7 @@ manifest is ``{"body": "<text>", "sig": "<hex>"}``; the body is compact ASCII
 JSON ``{"v":1,"version":"X.Y.Z","files":[{"path","size","sha256"},...]}``
 sorted by path, and ``sig`` is its RSA PKCS#1 v1.5 SHA-256 signature (RFC 8017
 §8.2) with the server's 2048-bit key, as 512 hex digits. The charger checks it
-with :mod:`firmware.ota_verify` (the same module :func:`verify` uses here)
+with :mod:`firmware.ota.verify` (the same module :func:`verify` uses here)
 against the public key it stores as ``/ota_key.json``.
 
 Exit status: 0 done, 1 refused (bad bundle, bad key, I/O error), 2 bad
@@ -38,14 +38,13 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:          # firmware/ is not an installed package
     sys.path.append(str(REPO))
 
-from firmware import ota_verify  # noqa: E402  (after the path fix above)
+from firmware.ota import verify as ota_verify  # noqa: E402  (after the path fix above)
 from evse_tools.device_runtime import compile_mpy  # noqa: E402
 
 PRIVATE_NAME = "ota_private.pem"
 PUBLIC_NAME = "ota_key.json"
 MANIFEST_NAME = "manifest.json"
 FILES_DIR = "files"
-SIM_ONLY = ("firmware/hal_sim.py", "firmware/ev_model.py")
 _CHUNK = 4096
 
 
@@ -124,15 +123,11 @@ def load_public_key(path: str | os.PathLike) -> tuple[int, int]:
 # --- build ----------------------------------------------------------------
 
 def default_files() -> dict[str, Path]:
-    """The firmware files of this repository: ``firmware/*.py`` except the
-    simulator-only modules. ``boot.py`` and ``main.py`` hold the rollback and
-    are never updated over the air, so they are not shipped."""
-    files = {}
-    for p in sorted((REPO / "firmware").glob("*.py")):
-        rel = f"firmware/{p.name}"
-        if rel not in SIM_ONLY:
-            files[rel] = p
-    return files
+    """The firmware files of this repository: every ``.py`` of the
+    ``firmware`` package, subpackages included (the simulated board lives
+    outside it, in ``tools/simboard``). ``boot.py`` and ``main.py`` hold the
+    rollback and are never updated over the air, so they are not shipped."""
+    return {p.relative_to(REPO).as_posix(): p for p in sorted((REPO / "firmware").rglob("*.py"))}
 
 
 def sign_body(key: rsa.RSAPrivateKey, body_text: str) -> bytes:
@@ -155,11 +150,11 @@ def build(private_key_path: str | os.PathLike, version: str,
           files: dict[str, Path] | None, out_dir: str | os.PathLike) -> Path:
     """Build and sign a bundle directory ``out_dir``; return its path.
 
-    ``files`` maps device paths (``firmware/app.py``) to source files; None
+    ``files`` maps device paths (``firmware/core/charger.py``) to source files; None
     means :func:`default_files`. A ``firmware/*.py`` file is shipped as
-    ``.mpy`` compiled by mpy-cross v1.28.0 (``firmware/app.py`` becomes
-    ``firmware/app.mpy``), the bytecode the charger image loads, with
-    ``firmware/app.py`` kept as its name in tracebacks; every other file is
+    ``.mpy`` compiled by mpy-cross v1.28.0 (``firmware/core/charger.py`` becomes
+    ``firmware/core/charger.mpy``), the bytecode the charger image loads, with
+    ``firmware/core/charger.py`` kept as its name in tracebacks; every other file is
     shipped as it is (a charger installs only ``firmware/``). Refuses (ValueError for a bad version or path,
     OtaError otherwise) a malformed version, unsafe paths, missing or oversize
     files, a manifest over the device's 16 KB, a bad key and an existing
@@ -229,7 +224,7 @@ def build(private_key_path: str | os.PathLike, version: str,
 def verify(bundle_dir: str | os.PathLike, public_key_json: str | os.PathLike) -> dict:
     """Check a bundle as the charger would: the manifest's signature against
     the ``ota_key.json`` at ``public_key_json``, then every listed file's size
-    and SHA-256 (read in chunks through :class:`firmware.ota_verify.FileCheck`).
+    and SHA-256 (read in chunks through :class:`firmware.ota.verify.FileCheck`).
     Also refuses files in the bundle that the manifest does not list.
     Returns the manifest body; raises OtaError naming the first problem."""
     key = load_public_key(public_key_json)

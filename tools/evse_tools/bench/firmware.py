@@ -10,6 +10,10 @@ unix port with its simulated board, mosquitto on loopback.
 * watchdog fallback accuracy: the time from a setpoint to the offline
   current, against ``T_wd``, with the broker reachable and with the path
   blackholed right after the setpoint (:class:`evse_tools.netfault.Proxy`);
+* the control tick's duration (p50, p99, max) while setpoints with new
+  offline currents, faults and lockouts are persisted with a modelled flash
+  latency, against a baseline in the same run that writes on the tick
+  (issue 13; ``tests/fw/tick_bench.py``);
 
 Every charger runs on the device runtime (MicroPython v1.28.0, 32-bit,
 single-precision floats, a GIL) at a 48 KB heap. The memory figures are the
@@ -18,6 +22,7 @@ single-precision floats, a GIL) at a 48 KB heap. The memory figures are the
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -27,7 +32,12 @@ import paho.mqtt.client as mqtt
 
 from evse_tools import broker as brokers
 from evse_tools.charger_sim import REPO, SimCharger
+from evse_tools.device_runtime import device_env, micropython_cmd
 from evse_tools.netfault import Proxy
+
+FLASH_MS = 30
+"""Modelled littlefs write latency, ms: an erase of a 4 KB block on the
+ESP32's SPI flash takes tens of ms (issue 13)."""
 
 
 def _ms() -> float:
@@ -191,6 +201,25 @@ def _mem(ch: SimCharger, collect: bool = True) -> int | None:
     return None
 
 
+def tick_duration(workdir: Path, ticks: int) -> dict:
+    """Tick duration on the device runtime while persisting with
+    :data:`FLASH_MS` per write: the firmware (write-behind) and the baseline
+    (writes on the tick), ``ticks`` ticks each, 10 ms apart in real time."""
+    out = {}
+    fw = REPO / "tests" / "fw"
+    for mode in ("behind", "inside"):
+        d = workdir / ("tick-" + mode)
+        d.mkdir(parents=True, exist_ok=True)
+        code = "import tick_bench; tick_bench.run(%r, %r, %d, %d)" % (str(d), mode, ticks, FLASH_MS)
+        r = subprocess.run([micropython_cmd(), "-X", "heapsize=256K", "-c", code], cwd=fw,
+                           env=dict(device_env(), MICROPYPATH=".frozen:" + str(fw)),
+                           capture_output=True, text=True, timeout=ticks / 50 + 60)
+        if r.returncode != 0:
+            raise RuntimeError("tick benchmark (%s) failed: %s" % (mode, r.stderr[-2000:]))
+        out[mode] = json.loads(r.stdout.strip().splitlines()[-1])
+    return out
+
+
 def run(quick: bool = True) -> dict:
     """All firmware figures; ``quick`` uses fewer samples (for CI smoke runs)."""
     with tempfile.TemporaryDirectory(prefix="evse-bench-") as tmp:
@@ -202,6 +231,7 @@ def run(quick: bool = True) -> dict:
                 "relay_open_virtual": relay_latency_virtual(),
                 "relay_open_real_ms": relay_latency_real(b, tmp, 3 if quick else 20),
                 "watchdog_fallback": fallback_accuracy(b, tmp),
+                "tick_under_flash_writes": tick_duration(tmp, 600 if quick else 3000),
             }
         finally:
             b.close()
@@ -226,5 +256,18 @@ def table(r: dict) -> str:
         ("watchdog fallback, path blackholed", "%.0f ms for T_wd %d ms (%+.0f ms)" % (
             wd["blackholed"]["measured_ms"], wd["blackholed"]["t_wd_ms"], wd["blackholed"]["error_ms"])),
     ]
+    tf = r.get("tick_under_flash_writes")
+    if tf:
+        b, i = tf["behind"], tf["inside"]
+        rows += [
+            ("tick while persisting, %d ms flash (n=%d, %d writes)" % (b["flash_ms"], b["ticks"], b["writes"]),
+             "p50 %.2f / p99 %.2f / max %.2f ms; write-behind between ticks max %.1f ms" % (
+                 b["tick_us"]["p50"] / 1000, b["tick_us"]["p99"] / 1000, b["tick_us"]["max"] / 1000,
+                 b["gap_us"]["max"] / 1000)),
+            ("  baseline: the same writes on the tick (n=%d, %d writes)" % (i["ticks"], i["writes"]),
+             "p50 %.2f / p99 %.2f / max %.2f ms: max %.0fx the write-behind's" % (
+                 i["tick_us"]["p50"] / 1000, i["tick_us"]["p99"] / 1000, i["tick_us"]["max"] / 1000,
+                 i["tick_us"]["max"] / max(1, b["tick_us"]["max"]))),
+        ]
     w = max(len(a) for a, _ in rows)
     return "\n".join(f"  {a:<{w}}  {b}" for a, b in rows)

@@ -44,7 +44,6 @@ from evse_tools.device_runtime import REPO, RUNTIME_DIR, compile_mpy, device_env
 GOAL_KB = 48
 ESP32_START_KB = 56
 STEP_KB = 2
-SIM_ONLY = ("hal_sim.py", "ev_model.py")
 
 
 def _log_ok(dirs: list[Path]) -> bool:
@@ -160,8 +159,6 @@ def _bundle(workdir: Path, version: str) -> tuple[Path, Path]:
     vfile = workdir / f"version-{version}.py"
     vfile.write_text('FW = "%s"\n' % version)
     files["firmware/version.py"] = vfile
-    for name in SIM_ONLY:           # the simulated board is part of this device
-        files["firmware/" + name] = REPO / "firmware" / name
     out = workdir / "bundles" / version
     if not out.exists():
         ota.build(keys / "ota_private.pem", version, files, out)
@@ -290,9 +287,9 @@ def live_heap(b, workdir: Path) -> dict:
 
 _TICK_SCRIPT = """
 import gc, time
-from firmware import app
-from firmware.hal_sim import SimBoard
-from firmware.ev_model import SimEv
+from firmware.core import charger as app
+from simboard.board import SimBoard
+from simboard.ev import SimEv
 from harness import make_store
 board = SimBoard(time)
 ch = app.Charger(board, time, make_store({"unit_rating_a": 40, "installer_max_a": 40}))
@@ -337,13 +334,12 @@ def code_sizes(workdir: Path) -> dict:
     """``.mpy`` bytes of the device firmware (mpy-cross v1.28.0) and the
     frozen firmware's share of the device runtime (its compiled .mpy)."""
     total, n = 0, 0
-    for p in sorted((REPO / "firmware").glob("*.py")):
-        if p.name in SIM_ONLY:
-            continue
-        total += len(compile_mpy(p, workdir / "mpy" / (p.stem + ".mpy"), "firmware/" + p.name))
+    for p in sorted((REPO / "firmware").rglob("*.py")):
+        rel = p.relative_to(REPO).as_posix()
+        total += len(compile_mpy(p, workdir / "mpy" / (rel[:-3] + ".mpy"), rel))
         n += 1
-    frozen = sorted((RUNTIME_DIR / "unix" / "frozen_mpy" / "firmware").glob("*.mpy"))
-    frozen_bytes = sum(f.stat().st_size for f in frozen if f.stem + ".py" not in SIM_ONLY)
+    frozen = sorted((RUNTIME_DIR / "unix" / "frozen_mpy" / "firmware").rglob("*.mpy"))
+    frozen_bytes = sum(f.stat().st_size for f in frozen)
     return {"mpy_files": n, "mpy_bytes": total, "frozen_firmware_bytes": frozen_bytes}
 
 

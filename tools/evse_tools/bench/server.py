@@ -27,7 +27,7 @@ Throughput (:func:`throughput`)
     The load generator (this process, paho-mqtt, four publishing connections
     and one subscriber on ``evse/+/set``) plays every charger: the retained
     ``online`` flag, then a state message like the firmware's
-    (``firmware/uplink.py``: v, seq, uptime_s, state, pilot_a, measured_a,
+    (``firmware/net/bridge.py``: v, seq, uptime_s, state, pilot_a, measured_a,
     limit_by, ack_seq, ack_epoch, offline_a, start_a, t_wd_s, session_wh,
     temp_c, fault, lockout, relay, reset_reason, fw, ota; QoS 0, retained)
     every 5 s, and one at once when a setpoint changes what it reports
@@ -82,7 +82,7 @@ GROUP_MEMBERS = 16
 REPORT_S = 5.0
 """Period of each charger's state message, s (DESIGN.md §4)."""
 MIN_GAP_S = 0.25
-"""Shortest time between two state messages of one charger, s (firmware/uplink.py)."""
+"""Shortest time between two state messages of one charger, s (firmware/net/bridge.py)."""
 EVENTS_PER_S = 20.0
 """Arrivals and departures per second during the measured window."""
 ANSWER_S = 10.0

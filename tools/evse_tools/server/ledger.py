@@ -191,7 +191,7 @@ def offline_possible(m: Member) -> float:
 def _start_term(m: Member) -> float:
     """The start current a new session on member ``m`` may begin with, A.
     While its lease has run out (its report says ``offline``), a new session
-    starts on min(offline, start) (firmware/limit.py), and only a message
+    starts on min(offline, start) (firmware/core/limit.py), and only a message
     renews the lease, each carrying the start current it stores."""
     r = m.report
     if r is not None and r.limit_by == "offline":

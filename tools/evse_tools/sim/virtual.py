@@ -1,6 +1,6 @@
 """A load group in virtual time, in one CPython process.
 
-Each charger is the firmware's own limit arbiter (:class:`firmware.limit.LimitArbiter`)
+Each charger is the firmware's own limit arbiter (:class:`firmware.core.limit.LimitArbiter`)
 with its settings store, fed through a message bus that can delay, drop or
 withhold messages; each EV answers the offer after its response delay and
 tapers. The allocator is the server's (:mod:`evse_tools.server.allocator`).
@@ -15,8 +15,8 @@ import json
 import random
 from dataclasses import dataclass, field, replace
 
-from firmware import settings as fw_settings
-from firmware.limit import LimitArbiter
+from firmware.core import settings as fw_settings
+from firmware.core.limit import LimitArbiter
 from evse_tools.server.allocator import Allocator, GroupConfig, Member, Report
 from evse_tools.server.ledger import offline_possible, start_possible
 
@@ -106,7 +106,7 @@ class VirtualCharger:
         self.id = cid
         self.clock = clock
         self.fs = _MemFs()
-        self.store = fw_settings.Store("settings.json", fw_settings.SCHEMA, self.fs)
+        self.store = fw_settings.Settings("settings.json", fw_settings.SCHEMA, self.fs)
         self.store.update({"unit_rating_a": unit_rating_a, "installer_max_a": unit_rating_a,
                            "t_wd_s": t_wd_s})
         self.arbiter = LimitArbiter(clock, self.store, clock.ticks_ms())
@@ -121,7 +121,7 @@ class VirtualCharger:
         """A fault (a GFCI trip, say): nothing offered until ``now + seconds``,
         then a retry that starts a new session at the start current (C2)."""
         self.fault_until = now + seconds
-        self.arbiter.fault = "gfci"
+        self.arbiter.faults.trip("gfci", self.clock.ticks_ms())
         self._offers = []          # the contactor opens: the session's offers are over
 
     def limit(self) -> float:
@@ -160,7 +160,7 @@ class VirtualCharger:
     def advance(self, now: float, dt: float) -> None:
         if self.fault_until is not None and now >= self.fault_until:
             self.fault_until = None
-            self.arbiter.fault = None
+            self.arbiter.faults.reset(self.clock.ticks_ms())
             self.arbiter.start_session()
         ev = self.ev
         if ev is None:

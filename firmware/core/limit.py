@@ -10,8 +10,8 @@ Time is a parameter: ``now`` is a tick in ms from the injected ``clock``, and
 every comparison goes through ``clock.ticks_diff`` so that the ESP32 tick wrap
 (2^30 ms) is harmless (C6).
 """
-from firmware import setpoint as _setpoint
-from firmware import thermal as _thermal
+from firmware.core import setpoint as _setpoint
+from firmware.core import thermal as _thermal
 
 MIN_A = 6
 """Smallest offer (A); a limit below it pauses (C3, S4)."""
@@ -30,24 +30,27 @@ class LimitArbiter:
     """Decides the current offered and why.
 
     ``clock`` provides ``ticks_diff``; ``settings`` is a
-    :class:`firmware.settings.Store` with ``unit_rating_a``, ``installer_max_a``,
+    :class:`firmware.core.settings.Settings` with ``unit_rating_a``, ``installer_max_a``,
     ``start_a``, ``offline_a`` and ``t_wd_s``; ``now`` (ms tick) starts the
     watchdog lease at boot, so a charger that never hears a server falls back
-    to its offline current ``T_wd`` after boot.
+    to its offline current ``T_wd`` after boot. ``faults``
+    (:class:`firmware.core.faults.Faults`) and ``derate``
+    (:class:`firmware.core.thermal.Derate`) are read, never written: a fault
+    offers 0, a derating level caps the offer (new ones when not given).
 
     Public state: ``epoch``/``ack_seq`` of the last setpoint applied (None
-    before the first), ``fault`` (code or None), ``thermal_level`` (0..2, see
-    :mod:`firmware.thermal`), ``rejected`` (count of refused messages) and
+    before the first), ``rejected`` (count of refused messages) and
     ``last_error`` (why the latest one was refused).
     """
 
-    def __init__(self, clock, settings, now):
+    def __init__(self, clock, settings, now, faults=None, derate=None):
+        from firmware.core.faults import Faults
         self.clock = clock
         self.settings = settings
+        self.faults = faults if faults is not None else Faults(clock)
+        self.derate = derate if derate is not None else _thermal.Derate()
         self.epoch = None
         self.ack_seq = None
-        self.fault = None
-        self.thermal_level = 0
         self.why = START            # the reason of the last amps(): limit_by
         self.rejected = 0
         self.last_error = None
@@ -61,16 +64,15 @@ class LimitArbiter:
         """Apply a ``set`` message (bytes or str) received at tick ``now``.
 
         A valid message replaces the previous setpoint (not min(old, new), C3),
-        stores any new ``offline_a``/``start_a`` (C5: written only on change)
-        and renews the watchdog lease (C4). Returns True.
+        puts any new ``offline_a``/``start_a`` in force (C5: the write-behind
+        saves them, only on change, never on the tick) and renews the
+        watchdog lease (C4). Returns True.
 
         A malformed, non-finite, negative, wrongly typed or stale message (an
         ``epoch`` older than the current one, or a ``seq`` not newer than the
         last applied in the same ``epoch``: epochs only grow, a new one means
-        the server restarted) changes nothing, does not feed the watchdog, and raises ValueError saying why.
-        Raises OSError if the new offline/start current could not be written;
-        the setpoint and the new values are in force all the same (a decrease
-        must never wait on flash).
+        the server restarted) changes nothing, does not feed the watchdog, and
+        raises ValueError saying why.
         """
         try:
             sp = _setpoint.parse(payload)
@@ -94,7 +96,7 @@ class LimitArbiter:
         if sp.start_a is not None:
             changes["start_a"] = sp.start_a
         if changes:
-            self.settings.update(changes)
+            self.settings.apply(changes)
         return True
 
     def start_session(self):
@@ -142,7 +144,7 @@ class LimitArbiter:
         for a session the server has not yet allocated to). Below 6 A: pause.
         """
         s = self.settings
-        if self.fault is not None:
+        if self.faults.code is not None:
             self.why = FAULT
             return 0
         if not self.online(now):
@@ -156,8 +158,9 @@ class LimitArbiter:
         cap = min(s["unit_rating_a"], s["installer_max_a"])
         if amps > cap:
             amps, why = cap, UNIT
-        if self.thermal_level:
-            derated = _thermal.cap(amps, self.thermal_level)
+        level = self.derate.level
+        if level:
+            derated = _thermal.cap(amps, level)
             if derated < amps:
                 amps, why = derated, THERMAL
         if amps < MIN_A:

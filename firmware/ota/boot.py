@@ -18,12 +18,13 @@ run healthy for a while (:func:`confirm`). A pending slot gets one boot; a
 second boot that finds it still pending rolls back to the previous slot.
 So a version that crashes at import, hangs (the hardware watchdog resets),
 or never reaches the server (it reboots itself, see
-:class:`firmware.ota.Updater`) is gone at the next boot. A power cut at any
+:class:`firmware.ota.update.Updater`) is gone at the next boot. A power cut at any
 step leaves ``ota.json`` either old or new, and both name a complete slot.
 """
 import json
 
-from firmware import store, strictjson
+from firmware.core import atomicfile
+from firmware.core import strictjson
 
 SLOTS = ("a", "b")
 FACTORY = "factory"
@@ -39,10 +40,10 @@ def join(root, *parts):
     return path
 
 
-def read_state(root, fs=store.FS):
+def read_state(root, fs=atomicfile.FS):
     """The slot state under ``root`` (dict). A missing or corrupt ``ota.json``
     means the factory firmware, nothing pending."""
-    text = store.read_text(join(root, STATE), fs, 1024)
+    text = atomicfile.read_text(join(root, STATE), fs, 1024)
     state = {"active": FACTORY, "previous": FACTORY, "pending": False, "boots": 0, "version": None,
              "rolled_back": None}
     try:
@@ -62,7 +63,7 @@ def read_state(root, fs=store.FS):
 
 
 def _write(root, state, fs):
-    store.write_atomic(join(root, STATE), json.dumps(state), fs)
+    atomicfile.write_atomic(join(root, STATE), json.dumps(state), fs)
 
 
 def slot_path(root, slot):
@@ -80,12 +81,12 @@ MARK = "complete"
 """File written last into a slot by an install; a slot without it is never booted."""
 
 
-def complete(root, slot, fs=store.FS):
+def complete(root, slot, fs=atomicfile.FS):
     """True when ``slot`` is the factory firmware or a finished install."""
-    return slot == FACTORY or store.read_text(join(root, "ota", slot, MARK), fs, 64) is not None
+    return slot == FACTORY or atomicfile.read_text(join(root, "ota", slot, MARK), fs, 64) is not None
 
 
-def select(root, fs=store.FS):
+def select(root, fs=atomicfile.FS):
     """At boot: return ``(slot, path)`` to run, rolling back a pending slot
     that already had its boot, and never booting a slot that is not complete
     (the factory firmware then). Writes ``ota.json`` when something changes."""
@@ -104,7 +105,7 @@ def select(root, fs=store.FS):
     return state["active"], slot_path(root, state["active"])
 
 
-def switch(root, slot, version, fs=store.FS):
+def switch(root, slot, version, fs=atomicfile.FS):
     """Make ``slot`` (a complete, verified slot) the one that boots next, as
     pending. One atomic write; before it the old slot boots, after it the new."""
     if slot not in SLOTS:
@@ -114,7 +115,7 @@ def switch(root, slot, version, fs=store.FS):
                   "version": version, "rolled_back": None}, fs)
 
 
-def confirm(root, fs=store.FS):
+def confirm(root, fs=atomicfile.FS):
     """The running slot reached the server and ran healthy: keep it."""
     state = read_state(root, fs)
     if state["pending"]:

@@ -1,7 +1,7 @@
 """Simulated electric vehicle for the simulated board (never deployed to a charger).
 
 The EV reads the pilot the way IEC 61851-1 Table A.8 says
-(:func:`firmware.pilot.ev_reads_a`), charges up to its onboard charger's
+(:func:`firmware.core.pilot.ev_reads_a`), charges up to its onboard charger's
 maximum, follows pilot changes after a configurable response delay (1-5 s,
 DESIGN.md §5; IEC Table A.6 lets an EV take up to 5 s), and tapers like the
 two-stage battery model of Caltech's ACN-Sim: constant current up to
@@ -10,7 +10,7 @@ two-stage battery model of Caltech's ACN-Sim: constant current up to
 Pilot states it presents: ``A`` unplugged, ``B`` connected and not asking for
 energy (no PWM offer, full, or told to wait), ``C`` asking for energy.
 """
-from firmware.pilot import ev_reads_a
+from firmware.core.pilot import ev_reads_a
 
 VOLTS = 240
 """Nominal single-phase supply, V (North American Level 2)."""

@@ -108,7 +108,12 @@ def ev_reads_a(duty):
 
 # Pilot high level -> state. Thresholds sit between the J1772 windows
 # (A 11.40-12.60, B 8.36-9.56, C 5.48-6.49, D 2.62-3.25 V; E 0 V; F -12 V).
-# Each threshold moves away from the current state by _HYST_MV (hysteresis).
+# Between two neighbouring windows the accepted state holds: leaving it takes
+# a level inside the neighbour's own window (A/B, B/C, C/D), so a pilot that
+# wanders in the gap, 6.5-8.3 V between C and B, never flips the state and
+# never cycles the contactor (issue 13). From no state, or across D/E, the
+# threshold sits between the windows, moved away from the current state by
+# _HYST_MV.
 _AB_MV = const(10480)
 _BC_MV = const(7420)
 _CD_MV = const(4365)
@@ -128,22 +133,28 @@ WINDOW = 5
 INVALID = "?"
 """Classification of a level that lies in no state window (a fault, not a state)."""
 
-_STEPS = (("A", "B", _AB_MV), ("B", "C", _BC_MV), ("C", "D", _CD_MV), ("D", "E", _DE_MV))
+# (upper state, lower state, threshold from no state, upper window's bottom,
+# lower window's top), mV.
+_STEPS = (("A", "B", _AB_MV, 11400, 9560), ("B", "C", _BC_MV, 8360, 6490),
+          ("C", "D", _CD_MV, 5480, 3250), ("D", "E", _DE_MV, 0, 0))
 
 
 def classify(high_mv, prev=None):
     """Map the pilot's high level (mV) to a state letter ``A``..``F`` or :data:`INVALID`.
 
-    ``prev`` is the state currently accepted; the threshold next to it is moved
-    away by 200 mV so that a level sitting on a threshold does not chatter.
+    ``prev`` is the state currently accepted. Next to it the threshold moves to
+    the far side of the gap between the two windows: from C, B needs a level
+    in B's window (8.36 V or more), and from B, C needs 6.49 V or less. Across
+    D/E it moves away by 200 mV. A level sitting in a gap therefore keeps the
+    accepted state and cannot chatter.
     """
     if high_mv > _TOP_MV:
         return INVALID
-    for upper, lower, mv in _STEPS:
+    for upper, lower, mv, upper_bottom, lower_top in _STEPS:
         if prev == upper:
-            mv -= _HYST_MV
+            mv = lower_top + 1 if upper_bottom else mv - _HYST_MV
         elif prev == lower:
-            mv += _HYST_MV
+            mv = upper_bottom if upper_bottom else mv + _HYST_MV
         if high_mv >= mv:
             return upper
     if high_mv >= _E_LOW_MV:

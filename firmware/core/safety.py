@@ -2,12 +2,16 @@
 relay weld and ground checks, EV over-current, the diode check, temperature
 derating, and each fault's recovery (retry, lockout, unplug, condition).
 
-Pure logic driven once per control tick by :class:`firmware.app.Charger`;
+Pure logic driven once per control tick by :class:`firmware.core.charger.Charger`;
 the hardware is read through the board interface (:mod:`firmware.hal`) and
-faults are latched in the state machine (:meth:`firmware.evse.Evse.trip`).
+faults are latched in the one owner of fault state,
+:class:`firmware.core.faults.Faults` (through :meth:`firmware.core.evse.Evse.trip`,
+so that the outputs stop in the same tick). This module detects; it keeps no
+fault state of its own.
 Time is the injected clock's ticks (ms), compared with ``ticks_diff`` only.
 """
-from firmware import faults, thermal
+from firmware.core import faults
+from firmware.core import thermal
 
 try:
     from micropython import const
@@ -38,22 +42,21 @@ _PASSED = const(3)
 
 
 class Safety:
-    """The supervision state of one charger. ``clock`` provides ``ticks_diff``
-    and ``ticks_add``; ``record(code, detail)`` is called for every new fault
-    (the persisted fault log).
+    """The supervision of one charger. ``clock`` provides ``ticks_diff`` and
+    ``ticks_add``; ``faults`` is the charger's
+    :class:`firmware.core.faults.Faults`.
 
-    Public: ``lockout`` (bool), ``retries`` (this session's retries), ``derate``
-    (:class:`firmware.thermal.Derate`), ``retry_at`` (tick of the next retry or
-    None), ``selftests`` (count passed).
+    Public: ``derate`` (:class:`firmware.core.thermal.Derate`), ``temp_c``
+    (the last temperature reading, degrees C, NaN when unusable),
+    ``selftests`` (count passed); ``lockout``, ``retries`` and ``retry_at``
+    read the fault owner's.
     """
 
-    def __init__(self, clock, record=None):
+    def __init__(self, clock, faults):
         self.clock = clock
-        self.record = record
-        self.lockout = False
-        self.retries = 0
-        self.retry_at = None
+        self.faults = faults
         self.derate = thermal.Derate()
+        self.temp_c = NAN
         self._over_offer = None        # the offer the over-current threshold is for (A)
         self._over_limit = 0
         self.selftests = 0
@@ -64,7 +67,18 @@ class Safety:
         self._weld_check_at = None
         self._over_since = None
         self._diode_since = None
-        self._fault = None          # the fault whose policy is in force
+
+    @property
+    def lockout(self):
+        return self.faults.lockout
+
+    @property
+    def retries(self):
+        return self.faults.retries
+
+    @property
+    def retry_at(self):
+        return self.faults.retry_at
 
     def _diff(self, a, b):
         return self.clock.ticks_diff(a, b)
@@ -72,74 +86,28 @@ class Safety:
     # -- trips and recovery -------------------------------------------------------
 
     def trip(self, evse, code, now, detail=""):
-        """Latch ``code`` in ``evse`` and decide how it ends (see
-        :mod:`firmware.faults`). A second trip while faulted is ignored."""
-        if evse.fault is not None:
-            return
-        evse.trip(code, now)
-        self._adopt(code, now, detail)
-
-    def _adopt(self, code, now, detail=""):
-        # Decide how fault ``code``, just latched, ends; record it. Also for
-        # the pilot faults the state machine latches by itself.
-        self._fault = code
-        pol = faults.policy(code)
-        self.retry_at = None
-        if pol == faults.LOCKOUT:
-            self.lockout = True
-        elif pol == faults.RETRY:
-            early = (code == faults.GFCI and self._closed_at is not None
-                     and self._diff(now, self._closed_at) < faults.EARLY_TRIP_MS)
-            if early or self.retries >= faults.MAX_RETRIES:
-                self.lockout = True
-            else:
-                self.retries += 1
-                self.retry_at = self.clock.ticks_add(now, faults.RETRY_AFTER_MS)
-        if self.record:
-            self.record(code, ("lockout " if self.lockout else "") + detail)
-
-    def trip_restored(self, code):
-        """A lockout found on flash at boot (see :class:`firmware.app.Charger`)."""
-        self._fault = code
-        self.lockout = True
+        """Latch ``code`` (see :class:`firmware.core.faults.Faults`): a GFCI
+        trip within 10 s of the close is a lockout at once (C9). A second trip
+        while faulted is ignored."""
+        early = (code == faults.GFCI and self._closed_at is not None
+                 and self._diff(now, self._closed_at) < faults.EARLY_TRIP_MS)
+        if self.faults.trip(code, now, detail, early):
+            evse.trip(code, now)
 
     def reset(self, evse, now, board=None):
         """Remote ``reset_fault`` (or the technician's): clears a lockout and
         the retry count, then the fault itself once it has been held 300 ms.
         A welded contactor whose output is still live is not cleared: it is
         always a lockout. Returns True when no fault remains."""
-        if evse.fault is None:
+        if self.faults.code is None:
             return True
         if board is not None and board.relay_sense():
             return False
-        if not evse.clear_fault(now):
+        if not self.faults.reset(now):
             return False
-        self.lockout = False
-        self.retries = 0
-        self.retry_at = None
-        self._fault = None
+        evse.restart()
         self.contactor(False, now)      # and check for a weld again
         return True
-
-    def _recover(self, evse, now, level):
-        code = evse.fault
-        if self.lockout or not evse.held(now):
-            return False
-        pol = faults.policy(code)
-        if pol == faults.RETRY:
-            due = self.retry_at is not None and self._diff(now, self.retry_at) >= 0
-        elif pol == faults.UNPLUG:
-            due = evse.state == "A"
-        elif pol == faults.CONDITION:
-            due = level < thermal.STOP
-        else:
-            due = False
-        if due:
-            self.retry_at = None
-            if evse.clear_fault(now):
-                self._fault = None
-                return True
-        return False
 
     # -- the tick -----------------------------------------------------------------
 
@@ -154,22 +122,26 @@ class Safety:
             temp = temp if type(temp) in _NUMBER and -100 < temp < 1000 else NAN
         except Exception:  # a broken sensor: stop, as at 71 degrees C
             temp = NAN
+        self.temp_c = temp
         level = self.derate.update(temp)
         # The weld check runs whatever else is going on: a contactor welded
         # while opening on a fault must be found now, not at the retry.
         if not relay and self._weld_check_at is not None and self._diff(now, self._weld_check_at) >= 0:
             self._weld_check_at = None
             if board.relay_sense():
-                if evse.fault is not None:
-                    evse.fault = None          # replaced by the worse one
-                self.trip(evse, faults.RELAY_WELDED, now)
+                if self.faults.code is not None:
+                    self.faults.replace(faults.RELAY_WELDED, now)   # the worse one
+                    evse.trip(faults.RELAY_WELDED, now)
+                else:
+                    self.trip(evse, faults.RELAY_WELDED, now)
                 return False
-        if evse.fault is not None:
-            if evse.fault != self._fault:      # latched by the state machine (pilot)
-                self._adopt(evse.fault, now)
+        if self.faults.code is not None:
             self._over_since = None
             self._diode_since = None
-            return self._recover(evse, now, level)
+            if self.faults.recover(now, evse.state, level):
+                evse.restart()
+                return True
+            return False
         if level >= thermal.STOP:
             self.trip(evse, faults.OVER_TEMP, now, "temperature %s" % temp)
             return False
@@ -214,12 +186,6 @@ class Safety:
             self._weld_check_at = self.clock.ticks_add(now, RELAY_SETTLE_MS)
             self._ground_check_at = None
             self._closed_at = None     # the early-trip window applies while closed only
-
-    def session_ended(self):
-        """The EV left (with or without a fault): the retry count starts
-        afresh for the next car; a lockout stays."""
-        if not self.lockout:
-            self.retries = 0
 
     def may_close(self, now, board, evse, wants):
         """GFCI self-test before every close (C9). ``wants``: everything else

@@ -30,8 +30,8 @@ the ESP32 (where integers above 2^30 allocate, but big ints work).
 import binascii
 import hashlib
 
-from firmware import strictjson
-from firmware.semver import is_upgrade, parse_version  # noqa: F401  (part of this API)
+from firmware.core import strictjson
+from firmware.ota.semver import is_upgrade, parse_version  # noqa: F401  (part of this API)
 
 MAX_MANIFEST_BYTES = 16384      # the device reads the whole manifest into RAM
 MAX_KEY_BYTES = 4096

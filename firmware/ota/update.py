@@ -12,7 +12,7 @@ built and signed by ``evse-ota build``). The :class:`Updater`:
    the charger, refuses anything not newer than the running version, and
    checks the size and SHA-256 of every file as it streams in;
 4. writes the files into the OTA slot that is not running, then switches
-   with one atomic write (:func:`firmware.otaboot.switch`) and asks for a
+   with one atomic write (:func:`firmware.ota.boot.switch`) and asks for a
    reboot, which the control loop performs when no car is charging.
 
 Nothing is switched unless every check passed. Only ``firmware/`` files are
@@ -22,11 +22,13 @@ replaced over the air.
 :class:`Health` then keeps the new version only once it has reached the
 server (a valid setpoint applied) and run ``health_s`` seconds; a version
 that has not managed that within 5 x ``health_s`` reboots, and the next boot
-rolls back (:func:`firmware.otaboot.select`).
+rolls back (:func:`firmware.ota.boot.select`).
 """
 import _thread
 
-from firmware import otaboot, semver, store
+from firmware.ota import boot as otaboot
+from firmware.ota import semver
+from firmware.core import atomicfile
 
 # ota_verify (RSA, SHA-256, the manifest parser) is imported on the update's
 # own thread when it runs, never at boot nor in the control thread.
@@ -168,14 +170,14 @@ def _makedirs(fs, path):
             fs.mkdir(built)
 
 
-def install(root, manifest, fetch, current, key, fs=store.FS, progress=None):
+def install(root, manifest, fetch, current, key, fs=atomicfile.FS, progress=None):
     """Verify and install a bundle, then switch to it. Returns the new
     version. ``manifest``: the manifest's bytes; ``fetch(path, start, end)``:
     bytes of one file; ``current``: the running version; ``key``: (n, e).
     Raises ValueError (refused: bad signature, not newer, a hash or size
     mismatch) or OSError (download or flash failure); either way nothing is
     switched and the running slot is untouched. Runs on the update's thread."""
-    from firmware import ota_verify
+    from firmware.ota import verify as ota_verify
     body = ota_verify.verify_manifest(manifest, key)
     manifest = None          # a 48 KB heap needs its bytes back for the download
     if not semver.is_upgrade(body["version"], current):
@@ -188,7 +190,7 @@ def install(root, manifest, fetch, current, key, fs=store.FS, progress=None):
     slot = otaboot.inactive(state)
     base = otaboot.join(root, "ota", slot)
     marker = otaboot.join(base, otaboot.MARK)
-    if fs.isdir(base) and store.read_text(marker, fs, 64) is not None:
+    if fs.isdir(base) and atomicfile.read_text(marker, fs, 64) is not None:
         fs.remove(marker)            # first: a half-wiped slot is never "complete"
     _wipe(fs, base)
     files = [f for f in body["files"] if f["path"].startswith("firmware/")]
@@ -214,7 +216,7 @@ def install(root, manifest, fetch, current, key, fs=store.FS, progress=None):
         fs.rename(path + ".part", path)
         if progress:
             progress(i + 1, len(files))
-    store.write_atomic(marker, body["version"], fs)
+    atomicfile.write_atomic(marker, body["version"], fs)
     otaboot.switch(root, slot, body["version"], fs)
     return body["version"]
 
@@ -227,11 +229,12 @@ class Updater:
     ``switched``, ``failed``), ``detail`` why. :meth:`poll` returns True once a
     new version is switched in and no car is charging: time to reboot."""
 
-    def __init__(self, root, current, fs=store.FS, fetcher=None):
+    def __init__(self, root, current, fs=atomicfile.FS, fetcher=None, spawn=None):
         self.root = root
         self.current = current
         self.fs = fs
         self.fetcher = fetcher or http_get
+        self.spawn = spawn or _thread.start_new_thread   # tests make a thread start fail
         self.status = IDLE
         self.detail = ""
         self._request = None
@@ -256,17 +259,25 @@ class Updater:
         True when a switched update may reboot now (not in state C)."""
         charging = evse_state in ("C", "D")
         if self.status == DEFERRED and not charging and self._request is not None:
+            # A thread that cannot start (no memory) raises here and leaves the
+            # update deferred: the control loop's edge boundary retries it.
+            req = self._request
             self.status = RUNNING
             self.detail = "downloading"
-            _thread.start_new_thread(self._run, (self._request,))
+            try:
+                self.spawn(self._run, (req,))
+            except BaseException:
+                self.status = DEFERRED
+                self.detail = "waiting: the download thread did not start"
+                raise
             self._request = None
         return self.status == SWITCHED and not charging
 
     def _run(self, req):
         url, _version = req
         try:
-            from firmware import ota_verify
-            key = ota_verify.load_key(store.read_text(otaboot.join(self.root, "ota_key.json"), self.fs, 4096) or "")
+            from firmware.ota import verify as ota_verify
+            key = ota_verify.load_key(atomicfile.read_text(otaboot.join(self.root, "ota_key.json"), self.fs, 4096) or "")
 
             def fetch(path, start, end):
                 return self.fetcher(url + "files/" + path, start, end, CHUNK)
@@ -290,7 +301,7 @@ class Health:
     gives ticks; ``health_s``: how long it must run healthy once it has
     reached the server."""
 
-    def __init__(self, root, clock, health_s, fs=store.FS):
+    def __init__(self, root, clock, health_s, fs=atomicfile.FS):
         self.root = root
         self.clock = clock
         self.health_s = health_s

@@ -1,6 +1,6 @@
 """Firmware versions ``MAJOR.MINOR.PATCH``: parsing and ordering. Pure.
 
-Apart from :mod:`firmware.ota_verify` (RSA, SHA-256, the manifest parser) so
+Apart from :mod:`firmware.ota.verify` (RSA, SHA-256, the manifest parser) so
 that taking an ``ota`` command costs no import of those: they are imported
 on the update's own thread, when it runs."""
 

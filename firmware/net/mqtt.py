@@ -34,6 +34,7 @@ import time
 import _thread
 
 _INBOX_MAX = 8
+_NOTHING = ()
 _IO_TIMEOUT_MS = 15000
 """Longest wait of one socket call, ms: the CONNACK, SUBACK and PUBACK waits
 included. The fault suite measured 3 s to be too short for a lossy WiFi path
@@ -108,7 +109,8 @@ class _BoundedSocket:
     so each handshake read is bounded too.
     """
 
-    def __init__(self, sockmod, timeout_ms, framer, tls_wrap, clock, poller):
+    def __init__(self, sockmod, timeout_ms, framer, tls_wrap, clock, poller, beat=None):
+        self._beat = beat        # called on every bounded wait: the link thread's heartbeat
         self._sockmod = sockmod
         self._raw = sockmod.socket()
         self._s = self._raw
@@ -154,6 +156,8 @@ class _BoundedSocket:
         left = self._clock.ticks_diff(deadline, self._clock.ticks_ms())
         if left <= 0:
             raise OSError(110, "timeout")
+        if self._beat is not None:
+            self._beat()
         self._poll.modify(self._raw, event)
         # A hang-up or error also ends the wait: the next call sees it.
         self._poll.poll(min(left, 100))
@@ -232,12 +236,7 @@ class _SocketModule:
         self._link = link
 
     def socket(self, *args):
-        link = self._link
-        link.framer = _Framer()
-        s = _BoundedSocket(self._socket, link.io_timeout_ms, link.framer, link.tls_wrap,
-                           link.clock, self._poller)
-        link.sock = s
-        return s
+        return self._link.open_socket(self._socket, self._poller)
 
     def getaddrinfo(self, host, port, *args):
         return self._socket.getaddrinfo(host, port)
@@ -286,6 +285,7 @@ class MqttLink:
         self.last_connack = None
         self.last_connect_ms = None
         self.running = False
+        self.beat = 0            # counts up while the link thread makes progress (LinkWatch)
         self._stop = False
         self._lock = _thread.allocate_lock()
         self._inbox = []
@@ -301,10 +301,11 @@ class MqttLink:
 
     def take(self):
         """Return the received ``(kind, payload)`` list (kind ``set`` or
-        ``cmd``), oldest first, and empty the inbox. Returns [] at once if the
-        link thread holds the lock right now."""
-        if not self._lock.acquire(0):
-            return []
+        ``cmd``), oldest first, and empty the inbox. Returns an empty tuple at once if the
+        link thread holds the lock right now. Nothing waiting costs no
+        allocation (the control loop asks every tick)."""
+        if not self._inbox or not self._lock.acquire(0):
+            return _NOTHING
         got = self._inbox
         self._inbox = []
         self._lock.release()
@@ -336,6 +337,17 @@ class MqttLink:
         }
 
     # -- link side -------------------------------------------------------------
+
+    def _tick_beat(self):
+        self.beat = (self.beat + 1) & 0x3FFFFFFF
+
+    def open_socket(self, sockmod, poller):
+        """A bounded socket for the next connection (umqtt.simple asks through
+        :class:`_SocketModule`); it gets a fresh framer."""
+        self.framer = _Framer()
+        self.sock = _BoundedSocket(sockmod, self.io_timeout_ms, self.framer, self.tls_wrap,
+                                   self.clock, poller, self._tick_beat)
+        return self.sock
 
     def _on_message(self, topic, payload):
         kind = "set" if topic == self.topics["set"] else "cmd" if topic == self.topics["cmd"] else None
@@ -441,6 +453,7 @@ class MqttLink:
         self.running = True
         try:
             while not self._stop:
+                self._tick_beat()
                 self.step()
                 time.sleep_ms(idle_ms)
         finally:
@@ -454,10 +467,22 @@ class MqttLink:
             self.connected = False
             self.running = False
 
-    def start(self):
-        """Start :meth:`serve` on its own thread."""
+    def start(self, spawn=None):
+        """Start :meth:`serve` on its own thread (``spawn``: the thread
+        starter, ``_thread.start_new_thread`` unless a test makes it fail).
+        Raises what the starter raises; ``running`` stays False then."""
         self.running = True
-        _thread.start_new_thread(self.serve, ())
+        try:
+            (spawn or _thread.start_new_thread)(self.serve, ())
+        except BaseException:
+            self.running = False
+            raise
+
+    def abandon(self):
+        """Give up on this link's thread (dead or hung, see
+        :class:`firmware.net.watch.LinkWatch`): it ends at its next step if it
+        ever wakes; nothing waits for it."""
+        self._stop = True
 
     def stop(self, wait_ms=500):
         """Ask the link thread to end, and give it up to ``wait_ms`` to say

@@ -15,7 +15,7 @@ clamped and values below 6 A mean pause, both by the limit arbiter.
 ``offline_a`` and ``start_a`` are 0 or 6..80 A. ``epoch`` and ``seq`` are
 integers >= 0.
 """
-from firmware import strictjson
+from firmware.core import strictjson
 
 MAX_PAYLOAD = 512
 """Largest accepted payload, bytes. A real setpoint is under 120 bytes."""
@@ -74,7 +74,7 @@ def parse(payload):
     """Validate ``payload`` (bytes or str) and return a :class:`Setpoint`.
 
     Raises ValueError for: a payload over 512 bytes, non-ASCII bytes, anything
-    that is not strict JSON (:mod:`firmware.strictjson`, the same verdict on
+    that is not strict JSON (:mod:`firmware.core.strictjson`, the same verdict on
     MicroPython and CPython), a number with an exponent or more than 2
     decimals, anything but an object, ``v`` other than 1, a missing or non-integer
     ``epoch``/``seq``, a missing, non-numeric, non-finite or negative

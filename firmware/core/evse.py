@@ -22,8 +22,8 @@ Rules (DESIGN.md §3, IEC 61851-1 Table A.6):
   that the EV can stop drawing first (Table A.6: the EVSE may open under load
   6 s after switching PWM off), or opens as soon as the EV goes to B.
 """
-from firmware import faults as _faults
-from firmware import pilot as _pilot
+from firmware.core import faults as _faults
+from firmware.core import pilot as _pilot
 
 PILOT_HIGH = "high"
 """Static +12 V: no current offered (C8)."""
@@ -32,8 +32,15 @@ PILOT_PWM = "pwm"
 PILOT_LOW = "low"
 """Static -12 V: state F, fault (C8)."""
 
-FAULT_HOLD_MS = 300
+FAULT_HOLD_MS = _faults.FAULT_HOLD_MS
 """Minimum time a fault keeps the pilot in state F (C8), ms."""
+RECLOSE_MS = 2000
+"""Shortest time the contactor stays open before it may close again, ms: no
+chatter on a wandering pilot (issue 13). An opening is never delayed. The
+bound above is IEC 61851-1 Table A.6 sequence 4 (the contactor closes within
+3 s of the EV entering C): 2 s leaves room for the GFCI self-test. Field
+reports of chatter this prevents: esp32-evse issue 173 (B2/C2 toggling every
+100-150 ms), OpenEVSE issues 433, 587 and 711 (relay wear, minimum idle time)."""
 PAUSE_OPEN_MS = 6000
 """Longest the contactor stays closed after PWM stops in C (Table A.6), ms."""
 
@@ -47,66 +54,62 @@ _CHARGING = ("C", "D")
 
 
 class Evse:
-    """The state machine. ``clock`` provides ``ticks_diff``.
+    """The state machine. ``clock`` provides ``ticks_diff``; ``faults`` is the
+    charger's :class:`firmware.core.faults.Faults`, the one owner of the fault
+    state, which this class only reads (and trips for the pilot's own faults).
 
     Outputs after each :meth:`outputs`: ``pilot`` (:data:`PILOT_HIGH`,
     :data:`PILOT_PWM` or :data:`PILOT_LOW`), ``duty`` (``duty_u16``, 0 unless
     PWM), ``offer_a`` (A the duty encodes, 0 unless PWM), ``relay`` (True =
     contactor closed). Events of the last step:
     ``session_started`` / ``session_ended`` (bool). State: ``state`` (the
-    accepted pilot state, None before the first), ``fault`` (code or None).
+    accepted pilot state, None before the first), ``fault`` (code or None,
+    read from ``faults``).
     """
 
-    def __init__(self, clock):
+    def __init__(self, clock, faults):
         self.clock = clock
+        self.faults = faults
         self.state = None
-        self.fault = None
         self.pilot = PILOT_HIGH
         self.duty = 0
         self.offer_a = 0
         self.relay = False
         self.session_started = False
         self.session_ended = False
-        self._fault_at = 0
-        self._fault_held = False
         self._pwm_off_at = None   # tick when PWM stopped while the contactor was closed
+        self._opened_at = None    # tick of the last open: no re-close within RECLOSE_MS
         # The duty and offer of the last limit seen: recomputed only when it
         # changes, since offered_a's float result is a heap allocation.
         self._for_amps = None
         self._amps_duty = 0
         self._amps_offer = 0
 
-    def trip(self, code, now):
-        """Latch fault ``code`` at tick ``now``: contactor open, pilot at -12 V."""
-        if self.fault is None:
-            self.fault = code
-            self._fault_at = now
-            self._fault_held = False
-        self.relay = False
-        self.pilot = PILOT_LOW
+    @property
+    def fault(self):
+        """The latched fault code, or None (owned by :attr:`faults`)."""
+        return self.faults.code
+
+    def trip(self, code, now, detail=""):
+        """Latch fault ``code`` at tick ``now`` (through :attr:`faults`):
+        contactor open, pilot at -12 V, in this very tick."""
+        self.faults.trip(code, now, detail)
+        self._stop_outputs(PILOT_LOW, now)
+
+    def _stop_outputs(self, pilot, now):
+        self._open(now)
+        self.pilot = pilot
         self.duty = 0
         self.offer_a = 0
 
-    def clear_fault(self, now):
-        """Clear the latched fault if it has been held for 300 ms. Returns True
-        when cleared; the pilot is then re-read from scratch."""
-        if self.fault is None:
-            return True
-        if not self.held(now):
-            return False
-        self.fault = None
+    def restart(self):
+        """A fault just cleared: read the EV's state afresh, offer nothing yet."""
         self.state = None
         self.pilot = PILOT_HIGH
-        return True
 
     def held(self, now):
-        """True once the latched fault has held state F for 300 ms (C8).
-        Latched, so that a fault older than 2^29 ms (a negative ticks_diff)
-        still counts as held (C6)."""
-        if not self._fault_held:
-            age = self.clock.ticks_diff(now, self._fault_at)
-            self._fault_held = age < 0 or age >= FAULT_HOLD_MS
-        return self._fault_held
+        """True once the latched fault has held state F for 300 ms (C8)."""
+        return self.faults.held(now)
 
     def edge(self, state, now):
         """Take the accepted pilot ``state`` (``A``..``F``, ``?`` or None) of this
@@ -115,10 +118,11 @@ class Evse:
         prev = self.state
         self.session_started = False
         self.session_ended = False
-        if self.fault is not None:
+        if self.faults.code is not None:
             # While faulted only follow the EV (unplug), once the pilot is
-            # readable again; no new trips, no sessions.
-            if self._fault_held and state is not None and state != prev:
+            # readable again (the hold is over and the pilot back at +12 V,
+            # read afresh); no new trips, no sessions.
+            if self.pilot == PILOT_HIGH and state is not None and state != prev:
                 self.state = state
                 self.session_ended = prev in _CONNECTED and state not in _CONNECTED
             return
@@ -136,22 +140,19 @@ class Evse:
         elif state not in _CONNECTED and prev in _CONNECTED:
             self.session_ended = True
 
-    def wants_close(self, amps, diode_ok):
+    def wants_close(self, amps, diode_ok, now):
         """True when everything but the GFCI self-test allows closing the
         contactor now (C7): state C or D, current offered, diode check passed,
-        no fault, contactor open."""
-        return (self.fault is None and not self.relay and self.state in _CHARGING
-                and diode_ok and _pilot.duty_u16(amps) > 0)
+        no fault, contactor open for at least :data:`RECLOSE_MS`."""
+        return (self.faults.code is None and not self.relay and self.state in _CHARGING
+                and diode_ok and _pilot.duty_u16(amps) > 0 and self.dwell_over(now))
 
     def outputs(self, amps, diode_ok, now, may_close=True):
         """Set the outputs for this tick from the limit in force ``amps`` (A, 0 =
         do not offer), the diode check, and ``may_close`` (the GFCI self-test
         passed). Returns nothing; read the attributes."""
-        if self.fault is not None:
-            self.relay = False
-            self.pilot = PILOT_HIGH if self.held(now) else PILOT_LOW
-            self.duty = 0
-            self.offer_a = 0
+        if self.faults.code is not None:
+            self._stop_outputs(PILOT_HIGH if self.faults.held(now) else PILOT_LOW, now)
             return
         state = self.state
         if amps != self._for_amps or type(amps) is not type(self._for_amps):
@@ -168,15 +169,31 @@ class Evse:
             self.duty = 0
             self.offer_a = 0
         if state not in _CHARGING:
-            self.relay = False
+            self._open(now)
             self._pwm_off_at = None
         elif not self.relay:
-            self.relay = bool(duty) and diode_ok and may_close
+            self.relay = bool(duty) and diode_ok and may_close and self.dwell_over(now)
         elif duty:
             self._pwm_off_at = None
         else:
             if self._pwm_off_at is None:
                 self._pwm_off_at = now
             elif self.clock.ticks_diff(now, self._pwm_off_at) >= PAUSE_OPEN_MS:
-                self.relay = False
+                self._open(now)
                 self._pwm_off_at = None
+
+    def _open(self, now):
+        if self.relay:
+            self.relay = False
+            self._opened_at = now
+
+    def dwell_over(self, now):
+        """True when the contactor has been open for :data:`RECLOSE_MS` (or
+        never closed). Latched at the first True, so that an open older than
+        2^29 ms (a negative ticks_diff) never blocks a close (C6)."""
+        if self._opened_at is None:
+            return True
+        if self.clock.ticks_diff(now, self._opened_at) >= RECLOSE_MS:
+            self._opened_at = None
+            return True
+        return False

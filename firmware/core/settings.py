@@ -12,7 +12,8 @@ limit of the smallest common circuit, 20 A x 80 %), never the unit's rating.
 """
 import json
 
-from firmware import store, strictjson
+from firmware.core import atomicfile
+from firmware.core import strictjson
 
 MAX_FILE = 8192
 """Largest settings or secrets file read, bytes; a longer one is corrupt."""
@@ -95,7 +96,7 @@ SECRETS = {
 }
 
 
-class Store:
+class Settings:
     """Validated key/value settings persisted as JSON in one file.
 
     ``schema`` maps a name to ``(default, validator)``. After construction,
@@ -105,7 +106,7 @@ class Store:
     bad file.
     """
 
-    def __init__(self, path, schema, fs=store.FS):
+    def __init__(self, path, schema, fs=atomicfile.FS):
         self.path = path
         self.schema = schema
         self.fs = fs
@@ -118,7 +119,7 @@ class Store:
         values = {}
         for name in self.schema:
             values[name] = self.schema[name][0]
-        text = store.read_text(self.path, self.fs, MAX_FILE + 1)
+        text = atomicfile.read_text(self.path, self.fs, MAX_FILE + 1)
         if text is None:
             self.problems.append("%s missing: defaults in force" % self.path)
             return values
@@ -148,41 +149,53 @@ class Store:
             raise ValueError("unknown setting %r" % (name,))
         return self.schema[name][1](value, name)
 
-    def update(self, changes):
-        """Validate every item of ``changes`` (dict), then apply them all and
-        persist once, only if a value differs. All or nothing: a bad item raises
-        ValueError and nothing is applied. Returns True when the file was written.
-        Raises OSError when the write fails: the new values are in force all the
-        same, ``unsaved`` is True, and the next update writes them again."""
+    def apply(self, changes):
+        """Validate every item of ``changes`` (dict), then put them all in
+        force, in RAM only. All or nothing: a bad item raises ValueError and
+        nothing changes. Returns True when a value changed; :attr:`unsaved` is
+        then True until :meth:`save` (the control loop's write-behind,
+        :class:`firmware.core.persist.WriteBehind`: no flash write on the tick)."""
         checked = {}
         for name in changes:
             checked[name] = self.check(name, changes[name])
-        new = dict(self.values)
         changed = False
         for name in checked:
-            if new[name] != checked[name]:
-                new[name] = checked[name]
+            if self.values[name] != checked[name]:
                 changed = True
-        if not changed and not self.unsaved:
+        if changed:
+            new = dict(self.values)
+            new.update(checked)
+            self.values = new      # replaced whole: a reader on another thread sees old or new
+            self.unsaved = True
+        return changed
+
+    def save(self):
+        """Write the values atomically if :meth:`apply` changed them since the
+        last save. Returns True when written. Raises OSError when the write
+        fails: ``unsaved`` stays True and the next :meth:`save` tries again."""
+        if not self.unsaved:
             return False
-        # In force at once, even if the flash write fails below: a lower
-        # offline current from the server must never wait on flash.
-        self.values = new
-        self.unsaved = True
-        store.write_atomic(self.path, json.dumps(new), self.fs)
+        atomicfile.write_atomic(self.path, json.dumps(self.values), self.fs)
         self.unsaved = False
         return True
+
+    def update(self, changes):
+        """:meth:`apply` then :meth:`save` at once: for provisioning and tools,
+        never for the control loop. Returns True when the file was written;
+        raises ValueError (nothing changed) or OSError (in force, unsaved)."""
+        self.apply(changes)
+        return self.save()
 
     def set(self, name, value):
         """Validate and persist one setting (see :meth:`update`)."""
         return self.update({name: value})
 
 
-def load(directory="", fs=store.FS):
+def load(directory="", fs=atomicfile.FS):
     """Open the two stores in ``directory`` (device root by default).
 
-    Returns ``(settings, secrets)``, two :class:`Store`.
+    Returns ``(settings, secrets)``, two :class:`Settings`.
     """
     prefix = directory + "/" if directory and not directory.endswith("/") else directory
-    return (Store(prefix + "settings.json", SCHEMA, fs),
-            Store(prefix + "secrets.json", SECRETS, fs))
+    return (Settings(prefix + "settings.json", SCHEMA, fs),
+            Settings(prefix + "secrets.json", SECRETS, fs))
