@@ -20,8 +20,7 @@ path, and are saved by the write-behind, between ticks.
     >>> diag.reset_fault()
     >>> diag.stop()            # end the control loop: contactor open, pilot +12 V
 """
-COMMISSIONING = ("unit_rating_a", "installer_max_a")
-"""Limits only provisioning may change: no typo at the REPL may raise them."""
+from firmware.core.charger import COMMISSIONING
 
 _charger = None
 _bridge = None
@@ -82,11 +81,12 @@ def pilot():
 def log(n=10):
     """Print the last ``n`` events and the persisted fault log."""
     c = _c()
+    s = c.snapshot
     now = c.clock.ticks_ms()
-    for t, text in list(c.events)[-n:]:
+    for t, text in list(s.events)[-n:]:
         print("%8.1f s ago  %s" % (c.clock.ticks_diff(now, t) / 1000, text))
     print("fault log (uptime s, code, detail):")
-    for entry in list(c.fault_log.entries)[-n:]:
+    for entry in list(s.fault_entries)[-n:]:
         print("  %s" % (entry,))
 
 
@@ -108,7 +108,7 @@ def net():
 
 def settings():
     """Print and return the settings (secrets are kept apart and not shown)."""
-    values = dict(_c().settings.values)    # replaced whole by the core: a consistent read
+    values = dict(_c().snapshot.settings)   # replaced whole by the core: a consistent read
     for k in sorted(values):
         print("%-16s %r" % (k, values[k]))
     return values

@@ -1,4 +1,4 @@
-"""Supervisor: run the application, and force the safe state on any unhandled error.
+"""The fail-safe: run the control loop, and force the safe state on any unhandled error.
 
 Pure: the hardware and the reaction to a crash are parameters, so that host
 tests can prove that an exception escaping the control loop leaves the
@@ -6,7 +6,7 @@ contactor open and the pilot at static +12 V (DESIGN.md §2).
 """
 
 
-def supervise(run, board, on_crash):
+def run_failsafe(run, board, on_crash):
     """Call ``run()``. If anything escapes it (an error, ``KeyboardInterrupt``
     at the REPL, ``SystemExit``), first put ``board`` in its safe state
     (:meth:`firmware.hal.Board.safe_state`: contactor open, pilot static

@@ -16,7 +16,7 @@ import _thread
 
 from firmware import loop
 from firmware.core.charger import Charger
-from firmware.failsafe import supervise
+from firmware.failsafe import run_failsafe
 from firmware.version import FW
 
 STACK = 16384
@@ -87,8 +87,7 @@ def build(board, clock, cfg, secrets, root, log=None, network_ready=None):
     link = make_link() if make_link is not None else None
     bridge = ServerBridge(charger, link, cfg["charger_id"], FW, updater)
     edges = [loop.Edge("server bridge", bridge.poll, clock, charger.log),
-             loop.Edge("ota", OtaEdge(charger, updater, health, FW, board.mark_app_valid).poll,
-                       clock, charger.log)]
+             loop.Edge("ota", OtaEdge(charger, updater, health, FW).poll, clock, charger.log)]
     if make_link is None or link is None:
         charger.log(why)
         return charger, bridge, edges
@@ -118,7 +117,7 @@ def start_control(charger, board, edges, crashed, done):
     """Run the control loop under the fail-safe on its own thread; ``done``
     (a list) receives the exit status when it ends."""
     def body():
-        done.append(supervise(lambda: loop.run(charger, charger.clock, edges), board, crashed))
+        done.append(run_failsafe(lambda: loop.run(charger, charger.clock, edges), board, crashed))
 
     if sys.platform == "esp32":
         _thread.stack_size(STACK)
@@ -147,6 +146,7 @@ def esp32():
         if isinstance(exc, SystemExit):
             code = exc.args[0] if exc.args else 0
             if code != REBOOT:       # diag.stop(): stay safe, no reset
+                charger.writer.flush()     # the watchdog resets the board soon
                 return code
             board.write_reset_reason("reboot")
         else:

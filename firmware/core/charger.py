@@ -27,6 +27,10 @@ from firmware.core.pilot import PilotReader
 from firmware.core.safety import Safety
 from firmware.core.snapshot import Snapshot
 
+COMMISSIONING = ("unit_rating_a", "installer_max_a")
+"""Settings no command may change (the unit's rating and the installer's
+breaker-derived cap): only provisioning, with the charger parked, writes them."""
+
 TICK_MS = 10
 """Control tick period, ms. With 3-sample debounce a pilot change is acted on
 within 40 ms (C7 asks for 100 ms)."""
@@ -100,6 +104,8 @@ class Charger:
         self.safety.contactor(False, now)   # boot counts as an open: check for a weld
         for problem in settings.problems:
             self.log(problem)
+        self.snapshot.events = self.events
+        self.snapshot.fault_entries = self.fault_log.entries
         self.log("boot: reset reason %s" % self.reset_reason)
         if self.reset_reason == "watchdog" or self.reset_reason.startswith("crash"):
             self.fault_log.add(0, "reset", self.reset_reason)
@@ -183,6 +189,10 @@ class Charger:
             self.log("%s requested: stopping the offer first" % name)
         elif kind == _cmd.SETTINGS:
             try:
+                for key in arg:
+                    if key in COMMISSIONING:
+                        raise ValueError("%s is a commissioning value: only provisioning, with the "
+                                         "charger parked, changes it" % key)
                 changed = self.settings.apply(arg)
             except ValueError as exc:
                 self.results[name] = "refused: %s" % exc
@@ -194,6 +204,9 @@ class Charger:
         elif kind == _cmd.PAUSE:
             self.paused = bool(arg)
             self.results[name] = "paused" if self.paused else "resumed"
+        elif kind == _cmd.KEEP_FIRMWARE:
+            self.hal.mark_app_valid()
+            self.results[name] = "kept"
 
     def _selftest(self, now):
         s = self.safety
@@ -269,6 +282,7 @@ class Charger:
         cfg = self.settings.values
         faults = self.faults
         pwm = self._pilot == _evse.PILOT_PWM
+        s.writing = True
         s.state = "F" if faults.code else (self.evse.state or "A")
         s.pilot_a = self._offer_a if pwm else 0
         s.duty_u16 = self._duty if pwm else 0
@@ -296,7 +310,9 @@ class Charger:
         s.rejected = a.rejected
         s.last_error = a.last_error
         s.stopping = self.stopping
+        s.settings = cfg
         s.ticks = (s.ticks + 1) & _TICKS_MASK
+        s.writing = False
 
     def _count_time(self, now):
         # Uptime and session energy, integer arithmetic only: ESP32 floats are

@@ -35,9 +35,13 @@ behind the tick."""
 PAUSE = const(7)
 """Stop offering current (True) or offer again (False), locally, on top of the
 limit in force."""
+KEEP_FIRMWARE = const(8)
+"""A new version passed its health check: keep the running firmware image
+(the board's ``mark_app_valid``; no argument)."""
 
 NAMES = {SETPOINT: "setpoint", RESET_FAULT: "reset_fault", SELFTEST: "selftest",
-         STOP: "stop", REBOOT: "reboot", SETTINGS: "settings", PAUSE: "pause"}
+         STOP: "stop", REBOOT: "reboot", SETTINGS: "settings", PAUSE: "pause",
+         KEEP_FIRMWARE: "keep_firmware"}
 """Kind -> name, for logs and for :attr:`firmware.core.charger.Charger.results`."""
 
 SIZE = 8

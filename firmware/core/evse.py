@@ -78,7 +78,9 @@ class Evse:
         self.session_started = False
         self.session_ended = False
         self._pwm_off_at = None   # tick when PWM stopped while the contactor was closed
-        self._opened_at = None    # tick of the last open: no re-close within RECLOSE_MS
+        # Tick of the last open: no close within RECLOSE_MS. A boot counts as
+        # an open (the board may have reset with the contactor closed).
+        self._opened_at = clock.ticks_ms()
         # The duty and offer of the last limit seen: recomputed only when it
         # changes, since offered_a's float result is a heap allocation.
         self._for_amps = None
@@ -151,6 +153,8 @@ class Evse:
         """Set the outputs for this tick from the limit in force ``amps`` (A, 0 =
         do not offer), the diode check, and ``may_close`` (the GFCI self-test
         passed). Returns nothing; read the attributes."""
+        if self._opened_at is not None:
+            self.dwell_over(now)         # keeps the dwell's latch current (C6)
         if self.faults.code is not None:
             self._stop_outputs(PILOT_HIGH if self.faults.held(now) else PILOT_LOW, now)
             return
@@ -188,12 +192,13 @@ class Evse:
             self._opened_at = now
 
     def dwell_over(self, now):
-        """True when the contactor has been open for :data:`RECLOSE_MS` (or
-        never closed). Latched at the first True, so that an open older than
-        2^29 ms (a negative ticks_diff) never blocks a close (C6)."""
+        """True when the contactor has been open for :data:`RECLOSE_MS` since
+        its last open (or the boot). Latched: :meth:`outputs` asks every tick,
+        so the latch is set 2 s after the open, long before a ticks_diff
+        could turn negative (2^29 ms, C6)."""
         if self._opened_at is None:
             return True
-        if self.clock.ticks_diff(now, self._opened_at) >= RECLOSE_MS:
+        if not 0 <= self.clock.ticks_diff(now, self._opened_at) < RECLOSE_MS:
             self._opened_at = None
             return True
         return False

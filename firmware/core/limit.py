@@ -55,6 +55,9 @@ class LimitArbiter:
         self.rejected = 0
         self.last_error = None
         self._setpoint_a = None   # None: no allocation yet in this session (C2)
+        self._cap_for = None      # the derating of the last amps/level seen
+        self._cap_level = 0
+        self._capped = 0
         self._lease_from = now
         self._expired = False     # latched: see online()
 
@@ -160,7 +163,13 @@ class LimitArbiter:
             amps, why = cap, UNIT
         level = self.derate.level
         if level:
-            derated = _thermal.cap(amps, level)
+            # Recomputed only when the input changes: the division's float
+            # result is a heap allocation on the ESP32.
+            if amps != self._cap_for or level != self._cap_level:
+                self._cap_for = amps
+                self._cap_level = level
+                self._capped = _thermal.cap(amps, level)
+            derated = self._capped
             if derated < amps:
                 amps, why = derated, THERMAL
         if amps < MIN_A:

@@ -78,6 +78,23 @@ class WriteBehind:
         self._retry_at[which] = self.clock.ticks_add(now, RETRY_MS)
         self.log("%s not saved (retry in %d s): %s" % (what, RETRY_MS // 1000, exc))
 
+    def _write(self, which, now, what, save):
+        try:
+            save()
+        except OSError as exc:
+            self._failed(which, now, what, exc)
+            return False
+        self.writes += 1
+        return True
+
+    def _save_lockout(self):
+        f = self.faults
+        locked = f.lockout
+        code = f.code if locked else None
+        atomicfile.write_atomic(self.lock_path, code or "", self.fs)
+        self.lockout_saved = locked
+        self._saved_code = code
+
     def step(self, now=None):
         """Write the most urgent unsaved item, if any. Returns True when a
         file was written. Never raises OSError."""
@@ -88,37 +105,17 @@ class WriteBehind:
         f = self.faults
         if (f.lockout != self.lockout_saved or (f.lockout and f.code != self._saved_code)) \
                 and self._may(0, now):
-            locked = f.lockout
-            code = f.code if locked else None
-            try:
-                atomicfile.write_atomic(self.lock_path, code or "", self.fs)
-            except OSError as exc:
-                self._failed(0, now, "lockout record", exc)
-                return False
-            self.lockout_saved = locked
-            self._saved_code = code
-            self.writes += 1
-            return True
+            return self._write(0, now, "lockout record", self._save_lockout)
         s = self.settings
-        if s.unsaved and self._may(1, now) \
-                and self.clock.ticks_diff(now, self._settings_at) >= SETTINGS_GAP_MS:
+        # 0 <= age < gap: too soon. A negative age is a last write more than
+        # 2^29 ms ago (the tick wrap, C6): long enough.
+        age = self.clock.ticks_diff(now, self._settings_at)
+        if s.unsaved and self._may(1, now) and not 0 <= age < SETTINGS_GAP_MS:
             self._settings_at = now
-            try:
-                s.save()
-            except OSError as exc:
-                self._failed(1, now, "settings", exc)
-                return False
-            self.writes += 1
-            return True
+            return self._write(1, now, "settings", s.save)
         log = f.log
         if log is not None and log.unsaved and self._may(2, now):
-            try:
-                log.save()
-            except OSError as exc:
-                self._failed(2, now, "fault log", exc)
-                return False
-            self.writes += 1
-            return True
+            return self._write(2, now, "fault log", log.save)
         return False
 
     def flush(self, limit=8):

@@ -108,12 +108,12 @@ def ev_reads_a(duty):
 
 # Pilot high level -> state. Thresholds sit between the J1772 windows
 # (A 11.40-12.60, B 8.36-9.56, C 5.48-6.49, D 2.62-3.25 V; E 0 V; F -12 V).
-# Between two neighbouring windows the accepted state holds: leaving it takes
-# a level inside the neighbour's own window (A/B, B/C, C/D), so a pilot that
-# wanders in the gap, 6.5-8.3 V between C and B, never flips the state and
-# never cycles the contactor (issue 13). From no state, or across D/E, the
-# threshold sits between the windows, moved away from the current state by
-# _HYST_MV.
+# Each threshold moves away from the accepted state: by _GAP_HYST_MV across
+# A/B, B/C and C/D, so that a pilot wandering in the middle of the gap between
+# two windows (7.0-7.8 V between C and B, say) keeps the accepted state and
+# never cycles the contactor (issue 13), while a level 320 mV or more short of
+# the neighbour's window edge still moves it; by _HYST_MV across D/E. From no
+# state the threshold sits in the middle of the gap.
 _AB_MV = const(10480)
 _BC_MV = const(7420)
 _CD_MV = const(4365)
@@ -122,6 +122,7 @@ _E_LOW_MV = const(-1310)
 _F_MV = const(-10000)     # high level at or below: pilot held at -12 V
 _TOP_MV = const(13500)    # above: impossible level
 _HYST_MV = const(200)
+_GAP_HYST_MV = const(600)  # half the band held: B/C 6.82-8.02 V (windows end at 6.49 and 8.36 V)
 _DIODE_MV = const(-10800)  # low level at or below: diode present (J1772 -12 +/- 0.6 V, margin)
 DEBOUNCE = 3
 """Samples out of the last :data:`WINDOW` that must agree on a new state
@@ -133,28 +134,27 @@ WINDOW = 5
 INVALID = "?"
 """Classification of a level that lies in no state window (a fault, not a state)."""
 
-# (upper state, lower state, threshold from no state, upper window's bottom,
-# lower window's top), mV.
-_STEPS = (("A", "B", _AB_MV, 11400, 9560), ("B", "C", _BC_MV, 8360, 6490),
-          ("C", "D", _CD_MV, 5480, 3250), ("D", "E", _DE_MV, 0, 0))
+# (upper state, lower state, threshold from no state, hysteresis), mV.
+_STEPS = (("A", "B", _AB_MV, _GAP_HYST_MV), ("B", "C", _BC_MV, _GAP_HYST_MV),
+          ("C", "D", _CD_MV, _GAP_HYST_MV), ("D", "E", _DE_MV, _HYST_MV))
 
 
 def classify(high_mv, prev=None):
     """Map the pilot's high level (mV) to a state letter ``A``..``F`` or :data:`INVALID`.
 
-    ``prev`` is the state currently accepted. Next to it the threshold moves to
-    the far side of the gap between the two windows: from C, B needs a level
-    in B's window (8.36 V or more), and from B, C needs 6.49 V or less. Across
-    D/E it moves away by 200 mV. A level sitting in a gap therefore keeps the
-    accepted state and cannot chatter.
+    ``prev`` is the state currently accepted; the threshold next to it moves
+    away from it, by 600 mV across A/B, B/C and C/D (from C, B needs 8.02 V;
+    from B, C needs 6.82 V or less: the J1772 windows end at 8.36 and 6.49 V)
+    and by 200 mV across D/E. A level wandering in the gap between two windows
+    therefore keeps the accepted state and cannot chatter.
     """
     if high_mv > _TOP_MV:
         return INVALID
-    for upper, lower, mv, upper_bottom, lower_top in _STEPS:
+    for upper, lower, mv, hyst in _STEPS:
         if prev == upper:
-            mv = lower_top + 1 if upper_bottom else mv - _HYST_MV
+            mv -= hyst
         elif prev == lower:
-            mv = upper_bottom if upper_bottom else mv + _HYST_MV
+            mv += hyst
         if high_mv >= mv:
             return upper
     if high_mv >= _E_LOW_MV:

@@ -66,6 +66,13 @@ class Snapshot:
         self.last_error = None  # type: str | None
         self.stopping = None  # type: str | None
         self.ticks = 0
+        self.writing = False      # True while the core refreshes the record
+        # References set once by the core, for reading only: the settings in
+        # force (a dict replaced whole on every change), the event log (a
+        # list of (tick_ms, text)) and the persisted fault log's entries.
+        self.settings = {}  # type: dict
+        self.events = []  # type: list
+        self.fault_entries = []  # type: list
 
     def as_dict(self):
         """The fields as a new dict (allocates: for reports and diagnostics,
@@ -76,12 +83,15 @@ class Snapshot:
         return out
 
     def copy(self, tries=5):
-        """A consistent dict of the fields, from any thread: retried while a
-        tick refreshed the record during the read."""
+        """A consistent dict of the fields, from any thread: retried while the
+        core was refreshing the record during the read (``writing`` set, or
+        ``ticks`` moved). After ``tries`` torn reads it returns the last one."""
         out = self.as_dict()
         for _ in range(tries):
             before = self.ticks
+            if self.writing:
+                continue
             out = self.as_dict()
-            if self.ticks == before:
+            if self.ticks == before and not self.writing:
                 break
         return out

@@ -171,6 +171,10 @@ class ServerBridge:
         core.log("command %s accepted" % cmd)
         return True
 
+    def reboot_when_idle(self):
+        """Reboot through the core's stop path once no car charges (C/D)."""
+        self._reboot_pending = True
+
     def _put(self, kind, arg=None):
         if not self.core.commands.put(kind, arg):
             raise OSError("the core's command queue is full: try again")
@@ -229,21 +233,21 @@ class OtaEdge:
 
     ``core`` (its ``snapshot``, ``commands`` and ``log``), ``updater``
     (:class:`firmware.ota.update.Updater` or None), ``health``
-    (:class:`firmware.ota.update.Health` or None), ``fw`` (this version),
-    ``mark_valid()`` (keeps the running firmware image: the board's
-    ``mark_app_valid``). A switched update and a version that never proved
-    itself reboot through the core's stop path (a REBOOT command), only
-    while no car charges.
+    (:class:`firmware.ota.update.Health` or None), ``fw`` (this version). A
+    version that proved itself is kept by the core (a KEEP_FIRMWARE
+    command: the board's ``mark_app_valid``). A switched update and a
+    version that never proved itself reboot through the core's stop path (a
+    REBOOT command), only while no car charges.
     """
 
-    def __init__(self, core, updater, health, fw, mark_valid=None):
+    def __init__(self, core, updater, health, fw):
         self.core = core
         self.updater = updater
         self.health = health
         self.fw = fw
-        self.mark_valid = mark_valid
         self._status = None
         self._reboot = False
+        self._keep = False
 
     def poll(self):
         core = self.core
@@ -260,11 +264,12 @@ class OtaEdge:
             verdict = self.health.step(s.ack_seq is not None, s.fault is None)
             if verdict == "confirmed":
                 core.log("ota: version %s confirmed" % self.fw)
-                if self.mark_valid is not None:
-                    self.mark_valid()   # an image update, if any, is kept only now
+                self._keep = True       # an image update, if any, is kept only now
             elif verdict == "reboot" and not self._reboot:
                 core.log("ota: version %s never proved itself: reboot to roll back" % self.fw)
                 self._reboot = True
+        if self._keep and core.commands.put(_cmd.KEEP_FIRMWARE):
+            self._keep = False
         if self._reboot and state not in _CHARGING and core.commands.put(_cmd.REBOOT):
             self._reboot = False
         return False

@@ -287,6 +287,7 @@ class MqttLink:
         self.running = False
         self.beat = 0            # counts up while the link thread makes progress (LinkWatch)
         self._stop = False
+        self._abandoned = False
         self._lock = _thread.allocate_lock()
         self._inbox = []
         self._state = None
@@ -387,6 +388,12 @@ class MqttLink:
                     self.keepalive_s = (_KEEPALIVE_REFUSED_MAX_S if self.keepalive_s > _KEEPALIVE_REFUSED_MAX_S
                                         else max(10, self.keepalive_s // 2))
             raise
+        if self._stop:
+            # Abandoned while it connected (a hung DNS lookup or handshake that
+            # came back): a new link owns this client id now. Leave quietly,
+            # without a DISCONNECT's "0" or a will that would say offline.
+            self._close_quietly()
+            raise OSError(125, "link abandoned")
         c.subscribe(self.topics["set"], 1)
         c.subscribe(self.topics["cmd"], 1)
         c.publish(self.topics["online"], b"1", True, 1)
@@ -458,7 +465,9 @@ class MqttLink:
                 time.sleep_ms(idle_ms)
         finally:
             c = self.client
-            if self.connected and c is not None:
+            if self._abandoned:
+                self._close_quietly()    # a new link is up: say nothing in its name
+            elif self.connected and c is not None:
                 try:   # a clean DISCONNECT suppresses the will: say "0" first
                     c.publish(self.topics["online"], b"0", True, 0)
                     c.disconnect()
@@ -466,6 +475,11 @@ class MqttLink:
                     pass
             self.connected = False
             self.running = False
+
+    def _close_quietly(self):
+        self.connected = False
+        if self.sock is not None:
+            self.sock.close()
 
     def start(self, spawn=None):
         """Start :meth:`serve` on its own thread (``spawn``: the thread
@@ -480,8 +494,10 @@ class MqttLink:
 
     def abandon(self):
         """Give up on this link's thread (dead or hung, see
-        :class:`firmware.net.watch.LinkWatch`): it ends at its next step if it
-        ever wakes; nothing waits for it."""
+        :class:`firmware.net.watch.LinkWatch`): if it ever wakes it ends
+        without finishing a connect and without publishing anything (the
+        new link owns the client id); nothing waits for it."""
+        self._abandoned = True
         self._stop = True
 
     def stop(self, wait_ms=500):

@@ -9,6 +9,9 @@ watchdog (C4) never depends on any of this: it lives in the safety core and
 falls back to the offline current on time whatever the link does.
 """
 
+MAX_HUNG = 3
+"""Hung link threads abandoned before the watch asks for a reboot (when no car
+charges): each one keeps its stack (16 KB on the ESP32) and its socket."""
 HANG_MS = 60000
 """A link thread whose heartbeat has not moved this long is hung, ms. Every
 socket call is bounded by the link's I/O timeout (15 s) and beats while it
@@ -33,6 +36,7 @@ class LinkWatch:
         self.hang_ms = hang_ms
         self.spawn = spawn
         self.restarts = 0
+        self.hung = 0
         self._beat = None
         self._beat_at = clock.ticks_ms()
 
@@ -51,6 +55,10 @@ class LinkWatch:
         if not link.running:
             self._restart(link, "the link thread ended")
         elif self.clock.ticks_diff(now, self._beat_at) >= self.hang_ms:
+            self.hung += 1
+            if self.hung >= MAX_HUNG:
+                self.log("mqtt link hung %d times: reboot once no car charges" % self.hung)
+                self.bridge.reboot_when_idle()
             self._restart(link, "the link thread is hung (no heartbeat for %d s)"
                           % (self.hang_ms // 1000))
         return False

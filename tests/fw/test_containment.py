@@ -227,3 +227,22 @@ def test_command_queue_refuses_rather_than_blocks_when_full():
     assert taken == [True] * 8 + [False] * 4 and c.commands.refused == 4
     c.tick()
     assert c.commands.pending() == 6          # two per tick
+
+
+def test_link_that_keeps_hanging_gets_a_reboot_but_only_once_no_car_charges():
+    # Each abandoned thread keeps its stack and socket: after 3 hangs the watch
+    # asks for a reboot, which waits for the car and goes by the stop path.
+    r = Rig()
+    watch = LinkWatch(r.bridge, lambda: FakeLink(running=False), r.clock, r.lines.append,
+                      hang_ms=2000)
+    r.add("link watch", watch.poll)
+    r.run(7000)                               # nobody beats: three hangs, 2 s apart
+    assert watch.hung >= 3 and r.board.relay and r.c.stopping is None
+    assert any("reboot once no car charges" in line for line in r.lines)
+    r.car.wants = False
+    code = None
+    try:
+        r.run(5000)
+    except SystemExit as exc:
+        code = exc.args[0]
+    assert code == 3 and not r.board.relay and r.car.drawn_a == 0

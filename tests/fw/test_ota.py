@@ -193,3 +193,20 @@ def test_a_slot_without_its_completion_mark_is_never_booted():
     ota.install(ROOT, manifest, fetch, "0.4.0", key(fs), fs)
     del fs.files["dev/ota/a/complete"]
     assert otaboot.select(ROOT, fs) == ("factory", None)
+
+
+def test_a_version_that_proved_itself_is_kept_by_the_core_not_by_an_edge():
+    # The OTA edge never touches the board: it asks the core (a KEEP_FIRMWARE
+    # command), which marks the running image valid in its own tick.
+    from harness import make_charger, setpoint
+    from firmware.net.bridge import OtaEdge
+    fs, _, _ = on_trial()
+    c, board, clock = make_charger()
+    edge = OtaEdge(c, None, ota.Health(ROOT, clock, 60, fs), "9.9.1")
+    c.on_setpoint(setpoint(1, 16))           # it reached the server
+    for _ in range(6100):
+        edge.poll()
+        c.tick()
+        clock.advance(10)
+    assert getattr(board, "marked_valid", 0) == 1 and c.results["keep_firmware"] == "kept"
+    assert not otaboot.read_state(ROOT, fs)["pending"]

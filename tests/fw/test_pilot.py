@@ -105,17 +105,18 @@ def test_impossible_levels_classify_invalid():
 
 def test_level_on_a_threshold_does_not_chatter_between_states():
     # 7.5 V sits just above the B/C threshold (7.42 V): with C accepted the
-    # hysteresis keeps it C; with B accepted it stays B. Anywhere in the gap
-    # between the C and B windows the accepted state holds (issue 13); a level
-    # in the other window moves it.
+    # hysteresis keeps it C; with B accepted it stays B. In the middle of the
+    # gap between the C and B windows, 6.82-8.02 V, the accepted state holds
+    # (issue 13); a level 320 mV short of the other window moves it.
     assert pilot.classify(7500, "C") == "C"
     assert pilot.classify(7500, "B") == "B"
     assert pilot.classify(7500) == "B"                 # no state yet: the midpoint decides
-    for mv in (6500, 7000, 7700, 8350):
+    for mv in (6830, 7000, 7420, 7800, 8010):
         assert pilot.classify(mv, "C") == "C" and pilot.classify(mv, "B") == "B", mv
+    assert pilot.classify(8040, "C") == "B" and pilot.classify(6800, "B") == "C"
     assert pilot.classify(8360, "C") == "B" and pilot.classify(6490, "B") == "C"
-    assert pilot.classify(11400, "B") == "A" and pilot.classify(9561, "A") == "A"
-    assert pilot.classify(5480, "D") == "C" and pilot.classify(3251, "C") == "C"
+    assert pilot.classify(11100, "B") == "A" and pilot.classify(9900, "A") == "A"
+    assert pilot.classify(4980, "D") == "C" and pilot.classify(3800, "C") == "C"
 
 
 def test_single_sample_glitch_causes_no_state_change():

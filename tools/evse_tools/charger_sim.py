@@ -36,6 +36,11 @@ HEAP = "48K"
 at 56 KB, and 48 KB leaves it room never to grow into WiFi's and TLS's
 memory (issue 12). The environment variable ``EVSE_HEAP`` overrides it for
 the chargers started after it is set (the memory benchmark's searches)."""
+FLASH_MS = 20
+"""Modelled flash write latency of each simulated charger, ms (``--flash-ms``:
+every file write on its root waits this long before it commits, as a
+littlefs erase does on the ESP32), so that every end-to-end test and the
+simulator see the cost of persisting. ``EVSE_FLASH_MS`` overrides it."""
 SLOT_HEAP = "96K"
 """Heap of a charger that boots an OTA slot: a slot's ``.mpy`` bytecode lives
 in RAM, where the image's frozen bytecode does not (``make bench`` measures
@@ -111,7 +116,8 @@ class SimCharger:
     def _launch(self, reset_cause: str | None = None) -> None:
         install_main(self.workdir)
         argv = [micropython_cmd(), "-X", f"heapsize={self.heap}", "main.py",
-                "--dir", str(self.workdir.resolve()), "--ctl-port", str(self.port)]
+                "--dir", str(self.workdir.resolve()), "--ctl-port", str(self.port),
+                "--flash-ms", os.environ.get("EVSE_FLASH_MS") or str(FLASH_MS)]
         if reset_cause:
             argv += ["--reset-cause", reset_cause]
         argv += self.extra_argv

@@ -285,49 +285,19 @@ def live_heap(b, workdir: Path) -> dict:
     return {"steady_bytes": min(steady), "peak_bytes": peak}
 
 
-_TICK_SCRIPT = """
-import gc, time
-from firmware.core import charger as app
-from simboard.board import SimBoard
-from simboard.ev import SimEv
-from harness import make_store
-board = SimBoard(time)
-ch = app.Charger(board, time, make_store({"unit_rating_a": 40, "installer_max_a": 40}))
-board.plug(SimEv(max_a=32, delay_ms=1000))
-end = time.ticks_add(time.ticks_ms(), 3000)
-while time.ticks_diff(end, time.ticks_ms()) > 0:
-    ch.tick()
-    time.sleep_ms(10)
-def paced(fn, n=300):
-    # One call every 10 ms, as the control loop runs: time passes between
-    # ticks, as it does on the device.
-    gc.collect(); gc.disable()
-    a = gc.mem_alloc()
-    for _ in range(n):
-        fn()
-        time.sleep_ms(10)
-    b = gc.mem_alloc()
-    gc.enable()
-    return (b - a) * 100 // n
-# the simulated board's read steps its EV model: the device's board does not
-print(ch.evse.state, paced(ch.tick), paced(board.read_pilot))
-"""
-
-
 def tick_allocation(workdir: Path) -> dict:
-    """Bytes one 10 ms control tick allocates with a car charging in steady
-    state, and how many of them the simulated board's pilot reading takes
-    (its EV model's arithmetic); 300 ticks 10 ms apart on the device's
-    ``time`` clock, GC off. In hundredths of a byte per tick."""
-    script = workdir / "tick_alloc.py"
-    script.write_text(_TICK_SCRIPT)
-    r = subprocess.run([micropython_cmd(), str(script)], cwd=REPO / "tests" / "fw",
-                       env=dict(device_env(), MICROPYPATH=".frozen:" + str(REPO / "tests" / "fw")),
+    """Bytes allocated in steady state on the device runtime, charging at
+    20 A from the server (``tests/fw/steady.py``): by 1,000 control ticks,
+    by 400 iterations of the whole loop (tick, write-behind, every edge)
+    between two reports, and by one iteration that sends a report."""
+    fw = REPO / "tests" / "fw"
+    r = subprocess.run([micropython_cmd(), "-X", "heapsize=256K", "-c",
+                        "import steady; print(*steady.measure())"], cwd=fw,
+                       env=dict(device_env(), MICROPYPATH=".frozen:" + str(fw)),
                        capture_output=True, text=True, check=True)
-    state, per_tick, board = r.stdout.split()
-    tick, sim = int(per_tick) / 100, int(board) / 100
-    return {"state": state, "bytes_per_tick": tick, "sim_board_bytes": sim,
-            "firmware_bytes_per_tick": round(max(0.0, tick - sim), 2)}
+    tick, loop, report = (int(x) for x in r.stdout.split())
+    return {"ticks": 1000, "tick_bytes": tick, "loop_iterations": 400, "loop_bytes": loop,
+            "report_bytes": report}
 
 
 def code_sizes(workdir: Path) -> dict:
@@ -406,9 +376,9 @@ def table(r: dict) -> str:
     rows.append(("live heap, charging on the broker (48 KB cap)", "%d bytes steady, %d peak (broker restart)" % (
         live["steady_bytes"], live["peak_bytes"])))
     t = r["tick"]
-    rows.append(("allocation per 10 ms control tick (steady, charging)",
-                 "firmware %.2f bytes (state %s); with the simulated board's EV model %.2f" % (
-                     t["firmware_bytes_per_tick"], t["state"], t["bytes_per_tick"])))
+    rows.append(("allocation, 1,000 steady control ticks (charging)", "%d bytes" % t["tick_bytes"]))
+    rows.append(("allocation, 400 loop iterations with every edge", "%d bytes between reports; %d bytes "
+                 "per report (every 5 s when nothing changes)" % (t["loop_bytes"], t["report_bytes"])))
     c = r["code"]
     rows.append(("firmware .mpy (mpy-cross v1.28.0)", "%d bytes in %d files" % (c["mpy_bytes"], c["mpy_files"])))
     rows.append(("frozen firmware in the image", "%d bytes of bytecode (flash, not heap)" % c["frozen_firmware_bytes"]))
