@@ -90,6 +90,7 @@ class Charger:
         self._sample_ms = 1000   # ms since it was sampled (1000: sample at once)
         self._session_mah = 0
         self._measured = 0.0     # A, read once per tick
+        self._cfg_seen = None    # the settings dict the snapshot's copy was made from
         self.stopping = None     # None, "stop" or "reboot"
         self.paused = False
         self._manual_test = False
@@ -202,7 +203,9 @@ class Charger:
             if changed:
                 self.log("settings changed: %s" % ", ".join(sorted(arg)))
         elif kind == _cmd.PAUSE:
-            self.paused = bool(arg)
+            if type(arg) is not bool:
+                raise ValueError("pause takes true or false, got %r" % (arg,))
+            self.paused = arg
             self.results[name] = "paused" if self.paused else "resumed"
         elif kind == _cmd.KEEP_FIRMWARE:
             self.hal.mark_app_valid()
@@ -310,7 +313,9 @@ class Charger:
         s.rejected = a.rejected
         s.last_error = a.last_error
         s.stopping = self.stopping
-        s.settings = cfg
+        if cfg is not self._cfg_seen:      # a copy, made only when the settings change
+            self._cfg_seen = cfg
+            s.settings = dict(cfg)
         s.ticks = (s.ticks + 1) & _TICKS_MASK
         s.writing = False
 

@@ -13,7 +13,10 @@ file per call, in this order:
    write; the lockout is not reported (:attr:`firmware.core.snapshot.Snapshot.lockout`)
    until the record is on flash, so a reported lockout is never lost.
 2. the settings (a new offline or start current from the server, a new
-   ``t_wd_s``): in force in RAM at once, written at most once per
+   ``t_wd_s``): in force in RAM at once. A lower offline or start current is
+   written in the gap right after its tick, before the state message that
+   acknowledges it goes out (the server budgets the group's offline currents
+   with it, S3); other changes are written at most once per
    :data:`SETTINGS_GAP_MS` (changes in between coalesce into one write);
 3. the fault log.
 
@@ -68,10 +71,13 @@ class WriteBehind:
         at = self._retry_at[which]
         if at is None:
             return True
-        if self.clock.ticks_diff(now, at) >= 0:
-            self._retry_at[which] = None
-            return True
-        return False
+        # Still waiting only while the retry is 0..RETRY_MS ahead: a retry
+        # time left over from long ago (a ticks_diff past 2^29 ms turns
+        # around, C6) never blocks a write.
+        if 0 < self.clock.ticks_diff(at, now) <= RETRY_MS:
+            return False
+        self._retry_at[which] = None
+        return True
 
     def _failed(self, which, now, what, exc):
         self.failures += 1
@@ -109,8 +115,11 @@ class WriteBehind:
         s = self.settings
         # 0 <= age < gap: too soon. A negative age is a last write more than
         # 2^29 ms ago (the tick wrap, C6): long enough.
+        # A lower offline or start current is written at once (the server
+        # budgets the group's offline currents with it, S3); other changes
+        # wait out the gap and coalesce.
         age = self.clock.ticks_diff(now, self._settings_at)
-        if s.unsaved and self._may(1, now) and not 0 <= age < SETTINGS_GAP_MS:
+        if s.unsaved and self._may(1, now) and (s.lowered or not 0 <= age < SETTINGS_GAP_MS):
             self._settings_at = now
             return self._write(1, now, "settings", s.save)
         log = f.log

@@ -130,6 +130,7 @@ before it is accepted (C10). At a 10 ms control tick a clean transition is
 accepted after 30 ms, inside the 100 ms of C7; a noisy one, with single
 outliers in between, still within 50 ms."""
 WINDOW = 5
+_KEEP = WINDOW - DEBOUNCE      # the accepted state needs 2 of the last 5 samples to hold
 
 INVALID = "?"
 """Classification of a level that lies in no state window (a fault, not a state)."""
@@ -171,7 +172,10 @@ class PilotReader:
     samples agree, then one of ``A``..``F`` or :data:`INVALID`; it changes when
     :data:`DEBOUNCE` of the last :data:`WINDOW` samples agree on another one. A
     single deviating sample never changes it, and isolated outliers cannot hold
-    off a real transition (C10). ``diode_ok`` is True once :data:`DEBOUNCE` consecutive
+    off a real transition (C10). A pilot that jumps between states, so that
+    the accepted state has fewer than 2 of the last 5 samples and no other
+    state has 3, becomes :data:`INVALID` (a fault): the accepted state is no
+    longer true, and a contactor must not stay closed on it. ``diode_ok`` is True once :data:`DEBOUNCE` consecutive
     samples taken while PWM runs show a low level at or below -10.8 V
     (J1772 diode check); it is False while no PWM runs.
     """
@@ -183,6 +187,7 @@ class PilotReader:
         self.low_mv = 0
         self._recent = [""] * WINDOW   # "": no sample yet (never a classification)
         self._pos = 0
+        self._seen = 0                 # samples in the window, up to WINDOW
         self._diode_count = 0
 
     def update(self, high_mv, low_mv, pwm_on):
@@ -196,6 +201,15 @@ class PilotReader:
         self._pos = (self._pos + 1) % WINDOW
         if cand != self.state and recent.count(cand) >= DEBOUNCE:
             self.state = cand
+        elif self._seen < WINDOW:
+            self._seen += 1
+        elif self.state is not None and self.state != INVALID \
+                and recent.count(self.state) < _KEEP:
+            # Four of the last five samples disagree with the accepted state
+            # and no other state has three: the pilot jumps between states.
+            # It is not in the accepted one, whatever it is in: a pilot level
+            # fault, so that no contactor stays closed on it (C7).
+            self.state = INVALID
         if pwm_on and low_mv <= _DIODE_MV:
             if self._diode_count < DEBOUNCE:
                 self._diode_count += 1

@@ -142,6 +142,8 @@ class Safety:
                 evse.restart()
                 return True
             return False
+        if self._closed_at is not None and self._diff(now, self._closed_at) >= faults.EARLY_TRIP_MS:
+            self._closed_at = None     # past the early-trip window: latched, safe across the wrap (C6)
         if level >= thermal.STOP:
             self.trip(evse, faults.OVER_TEMP, now, "temperature %s" % temp)
             return False

@@ -96,6 +96,11 @@ SECRETS = {
 }
 
 
+LOWER_FIRST = ("offline_a", "start_a")
+"""Settings whose decrease is saved at once rather than coalesced
+(:class:`firmware.core.persist.WriteBehind`)."""
+
+
 class Settings:
     """Validated key/value settings persisted as JSON in one file.
 
@@ -113,7 +118,9 @@ class Settings:
         self.problems = []
         self.rejected = set()
         self.unsaved = False
+        self.lowered = False     # an offline or start current went down since the last save
         self.values = self._load()
+        self._saved = self.values
 
     def _load(self):
         values = {}
@@ -165,6 +172,9 @@ class Settings:
         if changed:
             new = dict(self.values)
             new.update(checked)
+            for name in LOWER_FIRST:
+                if name in new and new[name] < self._saved.get(name, new[name]):
+                    self.lowered = True
             self.values = new      # replaced whole: a reader on another thread sees old or new
             self.unsaved = True
         return changed
@@ -175,8 +185,11 @@ class Settings:
         fails: ``unsaved`` stays True and the next :meth:`save` tries again."""
         if not self.unsaved:
             return False
-        atomicfile.write_atomic(self.path, json.dumps(self.values), self.fs)
-        self.unsaved = False
+        values = self.values
+        atomicfile.write_atomic(self.path, json.dumps(values), self.fs)
+        self._saved = values
+        self.unsaved = self.values is not values     # changed again meanwhile
+        self.lowered = False
         return True
 
     def update(self, changes):

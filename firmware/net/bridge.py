@@ -101,10 +101,12 @@ class ServerBridge:
         kind, payload = item
         if kind == "set":
             if self._waiting or not self.core.commands.put(_cmd.SETPOINT, payload):
-                if len(self._waiting) < _cmd.SIZE:
-                    self._waiting.append(item)
-                else:
-                    self.core.log("setpoint dropped: the core's command queue stays full")
+                if len(self._waiting) >= _cmd.SIZE:
+                    # Keep the newest, as the link's inbox does: the latest
+                    # setpoint replaces the older ones (C3).
+                    self._waiting.pop(0)
+                    self.core.log("oldest waiting setpoint dropped: the core's command queue stays full")
+                self._waiting.append(item)
         else:
             self.command(payload)
 
@@ -185,7 +187,9 @@ class ServerBridge:
         now = clock.ticks_ms()
         if self._sent_at is not None:
             gap = clock.ticks_diff(now, self._sent_at)
-            if gap < MIN_GAP_MS:
+            if gap < 0:
+                gap = MAX_GAP_MS    # the last report is over 2^29 ms old (C6): overdue
+            elif gap < MIN_GAP_MS:
                 return
         else:
             gap = MAX_GAP_MS

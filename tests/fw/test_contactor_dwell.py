@@ -84,13 +84,16 @@ def test_pilot_wandering_across_every_band_boundary_never_recloses_within_the_dw
     for seed in (1, 2, 3, 4, 5):
         c, board, clock = charging()
         rnd = _Lcg(seed)
-        level = [6000]
+        n = [rnd.below(600)]
 
         def walk():
-            # A random walk over 2.0..12.6 V (D to A), steps of up to 1.5 V,
-            # with +/-0.4 V of noise on each reading.
-            level[0] = min(12600, max(2000, level[0] + rnd.below(3001) - 1500))
-            return level[0] + rnd.below(801) - 400
+            # Sweeps over 2.0..12.6 V and back (D to A and down again) in 6 s
+            # (a seed-dependent start), with +/-0.3 V of noise on each reading.
+            n[0] += 1
+            phase = n[0] % 600
+            base = 2000 + (phase if phase < 300 else 600 - phase) * 35
+            return base + rnd.below(601) - 300
+
         scripted_pilot(board, walk)
         changes = contactor_changes(c, board, clock, 60000)
         closes = [t for t, closed in changes if closed]
@@ -135,3 +138,24 @@ def test_back_in_c_right_after_an_open_closes_after_the_dwell_and_within_3_s():
     assert [closed for _, closed in changes] == [True]
     assert clock.ticks_diff(changes[0][0], opened) >= DWELL_MS
     assert clock.ticks_diff(changes[0][0], back) < 3000              # Table A.6 seq 4
+
+
+def test_pilot_jumping_between_states_with_no_consensus_never_keeps_the_contactor_closed():
+    # Found by the adversarial review: A, B and an impossible level in turn
+    # (no state three times in five) left the accepted state at C and the
+    # contactor closed. The accepted state must hold 2 of the last 5 samples.
+    for cycle in ((12000, 9000, 14000), (12000, 12000, 9000, 9000, 3000),
+                  (12000, 12000, 9000, 9000, 6000)):
+        c, board, clock = charging()
+        i = [0]
+
+        def jumping(cycle=cycle):
+            i[0] += 1
+            return cycle[i[0] % len(cycle)]
+        scripted_pilot(board, jumping)
+        t0 = clock.ticks_ms()
+        while board.relay:
+            c.tick()
+            clock.advance(10)
+            assert clock.ticks_diff(clock.ticks_ms(), t0) <= 100, cycle
+        assert c.evse.fault == "pilot_level", (cycle, c.evse.fault)

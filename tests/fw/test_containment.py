@@ -246,3 +246,53 @@ def test_link_that_keeps_hanging_gets_a_reboot_but_only_once_no_car_charges():
     except SystemExit as exc:
         code = exc.args[0]
     assert code == 3 and not r.board.relay and r.car.drawn_a == 0
+
+
+# -- found by the adversarial review ---------------------------------------------
+
+def test_lower_offline_current_is_on_flash_before_the_report_acknowledges_it():
+    # S3: the server budgets the group's offline currents with the value the
+    # charger acknowledges; a power cut must not bring back a higher one.
+    import json
+    r = Rig()
+    fs = r.c.settings.fs
+    r.link.inbox.append(("set", setpoint(2, 20, offline_a=7)))
+    r.run(200)                                  # a settings write 200 ms ago
+    r.link.inbox.append(("set", setpoint(3, 20, offline_a=6)))
+    for _ in range(100):
+        r.run(10)
+        acked = [json.loads(m) for m in r.link.sent if json.loads(m)["ack_seq"] == 3]
+        if acked:
+            break
+    assert acked and acked[0]["offline_a"] == 6
+    assert json.loads(fs.files["settings.json"])["offline_a"] == 6
+
+
+def test_full_command_queue_keeps_the_newest_setpoint_not_the_oldest():
+    r = Rig()
+    for _ in range(8):
+        assert r.c.request("reset_fault")      # the queue is full
+    for seq in range(2, 20):
+        r.link.inbox.append(("set", setpoint(seq, 10 if seq < 19 else 16)))
+    r.bridge.poll()                            # nothing fits: they wait, the newest kept
+    r.run(200)
+    assert r.c.arbiter.ack_seq == 19 and r.c.limit_a == 16
+
+
+def test_snapshot_settings_are_a_copy_an_edge_cannot_raise_the_installer_max_through():
+    r = Rig()
+    r.c.snapshot.settings["installer_max_a"] = 80
+    r.c.snapshot.settings["offline_a"] = 80
+    r.run(100)
+    assert r.c.settings["installer_max_a"] == 40 and r.c.settings["offline_a"] == 8
+
+
+def test_failed_lockout_write_long_ago_never_blocks_the_next_lockout_write():
+    # C6: a retry time left from a failed write must not read as "wait" once
+    # ticks_diff turns around after 2^29 ms.
+    from firmware.core import persist
+    r = Rig()
+    w = r.c.writer
+    w._retry_at[0] = r.clock.ticks_add(r.clock.ticks_ms(), persist.RETRY_MS)
+    r.clock.advance((1 << 29) + 10000)       # 6.2 days later
+    assert w._may(0, r.clock.ticks_ms())
