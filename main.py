@@ -1,7 +1,7 @@
 # Device entry point (DESIGN.md §2). It picks the firmware slot (factory or
 # an OTA slot, with rollback, see firmware/ota/boot.py, which always comes
 # from the factory firmware), then builds the hardware layer and runs the
-# application under the supervisor, which forces the safe state (contactor
+# application under the fail-safe (firmware/failsafe.py), which forces the safe state (contactor
 # open, pilot static +12 V) on any unhandled error.
 import sys
 
