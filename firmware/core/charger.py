@@ -208,7 +208,9 @@ class Charger:
             self.paused = arg
             self.results[name] = "paused" if self.paused else "resumed"
         elif kind == _cmd.KEEP_FIRMWARE:
-            self.hal.mark_app_valid()
+            # Marking the image valid writes the otadata partition: a flash
+            # write, so the write-behind does it, between ticks.
+            self.writer.keep_image = self.hal.mark_app_valid
             self.results[name] = "kept"
 
     def _selftest(self, now):

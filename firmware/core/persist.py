@@ -12,13 +12,15 @@ file per call, in this order:
    latched it. The window in which a reset loses it is that gap plus one
    write; the lockout is not reported (:attr:`firmware.core.snapshot.Snapshot.lockout`)
    until the record is on flash, so a reported lockout is never lost.
-2. the settings (a new offline or start current from the server, a new
+2. marking a new firmware image valid (the otadata partition), once its
+   health check passed;
+3. the settings (a new offline or start current from the server, a new
    ``t_wd_s``): in force in RAM at once. A lower offline or start current is
    written in the gap right after its tick, before the state message that
    acknowledges it goes out (the server budgets the group's offline currents
    with it, S3); other changes are written at most once per
    :data:`SETTINGS_GAP_MS` (changes in between coalesce into one write);
-3. the fault log.
+4. the fault log.
 
 A failed write (OSError) is logged once per file, retried after
 :data:`RETRY_MS`, and never stops the charger.
@@ -56,6 +58,7 @@ class WriteBehind:
         self._saved_code = faults.code if lockout_saved else None
         self.writes = 0
         self.failures = 0
+        self.keep_image = None   # the board's mark_app_valid, once a new version proved itself
         now = clock.ticks_ms()
         self._settings_at = clock.ticks_add(now, -SETTINGS_GAP_MS)
         self._retry_at = [None, None, None]    # lockout, settings, fault log
@@ -65,7 +68,8 @@ class WriteBehind:
         log = self.faults.log
         f = self.faults
         return (f.lockout != self.lockout_saved or (f.lockout and f.code != self._saved_code)
-                or self.settings.unsaved or (log is not None and log.unsaved))
+                or self.settings.unsaved or (log is not None and log.unsaved)
+                or self.keep_image is not None)
 
     def _may(self, which, now):
         at = self._retry_at[which]
@@ -112,12 +116,21 @@ class WriteBehind:
         if (f.lockout != self.lockout_saved or (f.lockout and f.code != self._saved_code)) \
                 and self._may(0, now):
             return self._write(0, now, "lockout record", self._save_lockout)
+        if self.keep_image is not None:
+            keep, self.keep_image = self.keep_image, None
+            try:
+                keep()
+            except OSError as exc:
+                self.failures += 1
+                self.log("firmware image not marked valid: %s" % exc)
+                return False
+            self.writes += 1
+            return True
         s = self.settings
-        # 0 <= age < gap: too soon. A negative age is a last write more than
-        # 2^29 ms ago (the tick wrap, C6): long enough.
         # A lower offline or start current is written at once (the server
         # budgets the group's offline currents with it, S3); other changes
-        # wait out the gap and coalesce.
+        # wait out the gap and coalesce. 0 <= age < gap: too soon; a negative
+        # age is a last write more than 2^29 ms ago (the tick wrap, C6).
         age = self.clock.ticks_diff(now, self._settings_at)
         if s.unsaved and self._may(1, now) and (s.lowered or not 0 <= age < SETTINGS_GAP_MS):
             self._settings_at = now
