@@ -311,7 +311,7 @@ class Charger:
         s.low_mv = self.reader.low_mv
         s.diode_ok = self.reader.diode_ok
         s.uptime_s = self.uptime_s
-        s.session_wh = self._session_mah * cfg["supply_v"] // 1000
+        s.session_wh = self._session_mah * cfg["supply_v"] // 1000   # Wh, at the nominal supply_v
         s.rejected = a.rejected
         s.last_error = a.last_error
         s.stopping = self.stopping
@@ -344,11 +344,6 @@ class Charger:
             if self._charge_mams >= 3600000:
                 self._session_mah += self._charge_mams // 3600000
                 self._charge_mams %= 3600000
-
-    def session_wh(self):
-        """Energy delivered in the current (or last) session, Wh (int), from
-        the measured current at the nominal supply voltage ``supply_v``."""
-        return self._session_mah * self.settings["supply_v"] // 1000
 
     def _apply(self, now):
         # Open the contactor before touching the pilot, close it after.

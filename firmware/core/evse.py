@@ -32,8 +32,6 @@ PILOT_PWM = "pwm"
 PILOT_LOW = "low"
 """Static -12 V: state F, fault (C8)."""
 
-FAULT_HOLD_MS = _faults.FAULT_HOLD_MS
-"""Minimum time a fault keeps the pilot in state F (C8), ms."""
 RECLOSE_MS = 2000
 """Shortest time the contactor stays open before it may close again, ms: no
 chatter on a wandering pilot (issue 13). An opening is never delayed. The
@@ -108,10 +106,6 @@ class Evse:
         """A fault just cleared: read the EV's state afresh, offer nothing yet."""
         self.state = None
         self.pilot = PILOT_HIGH
-
-    def held(self, now):
-        """True once the latched fault has held state F for 300 ms (C8)."""
-        return self.faults.held(now)
 
     def edge(self, state, now):
         """Take the accepted pilot ``state`` (``A``..``F``, ``?`` or None) of this
