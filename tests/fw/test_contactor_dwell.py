@@ -159,3 +159,22 @@ def test_pilot_jumping_between_states_with_no_consensus_never_keeps_the_contacto
             clock.advance(10)
             assert clock.ticks_diff(clock.ticks_ms(), t0) <= 100, cycle
         assert c.evse.fault == "pilot_level", (cycle, c.evse.fault)
+
+
+def test_dwell_never_blocks_a_close_after_the_tick_wrap():
+    # C6: an open more than 2^29 ms ago (a ticks_diff that turns negative)
+    # must not hold the next close for another 2 s, nor for days.
+    c, board, clock = charging()
+    level = [6000]
+    scripted_pilot(board, lambda: level[0])
+    level[0] = 12000                          # unplugged: the contactor opens
+    contactor_changes(c, board, clock, 200)
+    assert not board.relay
+    for _ in range(40):                       # idle 40 x 2^25 ms, past 2^29 and the wrap
+        c.tick()
+        clock.advance(1 << 25)
+    level[0] = 9000                           # plugged in again, then charging
+    contactor_changes(c, board, clock, 200)
+    level[0] = 6000
+    changes = contactor_changes(c, board, clock, 1000)
+    assert [closed for _, closed in changes] == [True]

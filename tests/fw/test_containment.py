@@ -296,3 +296,18 @@ def test_failed_lockout_write_long_ago_never_blocks_the_next_lockout_write():
     w._retry_at[0] = r.clock.ticks_add(r.clock.ticks_ms(), persist.RETRY_MS)
     r.clock.advance((1 << 29) + 10000)       # 6.2 days later
     assert w._may(0, r.clock.ticks_ms())
+
+
+def test_settings_write_long_after_the_last_one_is_not_held_back_by_the_tick_wrap():
+    # C5/C6: a settings change 2^29 ms after the last settings write is
+    # written at once, not held for days by a ticks_diff that turned negative.
+    import json
+    r = Rig()
+    fs = r.c.settings.fs
+    r.c.request("settings", {"t_wd_s": 40})
+    r.run(2000)
+    assert json.loads(fs.files["settings.json"])["t_wd_s"] == 40
+    r.clock.advance((1 << 29) + 600000)      # 6.2 days later
+    r.c.request("settings", {"t_wd_s": 50})
+    r.run(20)
+    assert json.loads(fs.files["settings.json"])["t_wd_s"] == 50
